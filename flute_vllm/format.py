@@ -1,0 +1,131 @@
+"""The canonical flute checkpoint format, version 1 (GPU- and tensor-parallel-independent).
+
+A checkpoint is an HF model directory whose config.json carries::
+
+    "quantization_config": {"quant_method": "flute", "format_version": 1, "bits": b,
+                            "group_size": G or -1, "table": "nf" | "int" | "fp" | "custom",
+                            "modules_to_not_convert": [...]}
+
+and, for every quantized linear layer ``prefix`` with dense weight ``W[N, K]``:
+
+- ``prefix.qweight`` int32 ``[N, K*b/32]``: indices packed along K as one little-endian bit
+  stream per row (quantize.pack). K % 32 == 0.
+- ``prefix.scales``  ``[N, K/G]`` in the model dtype (channel-wise: ``[N, 1]``).
+- ``prefix.table``   float32 ``[2^b]``.
+
+``W_hat[n, k] = table[q[n, k]] * scales[n, k // G]``. Layers not quantized keep ``weight``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from .tables import TABLE_KINDS, check_bits
+
+QUANT_METHOD = "flute"
+FORMAT_VERSION = 1
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256, -1)
+TENSOR_SUFFIXES = ("qweight", "scales", "table")
+# What transformers' models keep dense by default: embeddings and the output head.
+DEFAULT_MODULES_TO_NOT_CONVERT = ["lm_head"]
+
+
+def check_group_size(group_size: int, what: str = "group_size") -> int:
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"{what}={group_size!r} is not supported: use one of 32, 64, 128, 256 or -1 (channel-wise)"
+        )
+    return int(group_size)
+
+
+@dataclasses.dataclass
+class FluteQuantConfig:
+    """The ``quantization_config`` block of a flute checkpoint."""
+
+    bits: int
+    group_size: int
+    table: str = "nf"
+    modules_to_not_convert: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_MODULES_TO_NOT_CONVERT))
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits, "quantization_config.bits")
+        check_group_size(self.group_size, "quantization_config.group_size")
+        if self.table not in TABLE_KINDS + ("custom",):
+            raise ValueError(
+                f"quantization_config.table={self.table!r} is unknown: use one of {TABLE_KINDS + ('custom',)}"
+            )
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"quantization_config.format_version={self.format_version!r}: this flute_vllm reads version {FORMAT_VERSION}"
+            )
+        self.modules_to_not_convert = list(self.modules_to_not_convert or [])
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> "FluteQuantConfig":
+        method = cfg.get("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(f"quantization_config.quant_method={method!r}, expected {QUANT_METHOD!r}")
+        for key in ("bits", "group_size"):
+            if key not in cfg:
+                raise ValueError(f"quantization_config is missing the field {key!r}")
+        return cls(
+            bits=cfg["bits"],
+            group_size=cfg["group_size"],
+            table=cfg.get("table", "nf"),
+            modules_to_not_convert=cfg.get("modules_to_not_convert") or [],
+            format_version=cfg.get("format_version", FORMAT_VERSION),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "table": self.table,
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+        }
+
+    def group_size_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+def packed_words(in_features: int, bits: int) -> int:
+    return in_features * bits // 32
+
+
+def check_layer_shapes(prefix: str, out_features: int, in_features: int, cfg: FluteQuantConfig) -> None:
+    """Can a ``[N, K]`` linear layer be stored in format v1 with this config?"""
+    if in_features % 32:
+        raise ValueError(f"{prefix}: in_features K={in_features} is not a multiple of 32, required to pack indices")
+    g = cfg.group_size_for(in_features)
+    if in_features % g:
+        raise ValueError(f"{prefix}: group_size={cfg.group_size} does not divide in_features K={in_features}")
+
+
+def expected_shapes(out_features: int, in_features: int, cfg: FluteQuantConfig) -> dict[str, tuple[int, ...]]:
+    g = cfg.group_size_for(in_features)
+    return {
+        "qweight": (out_features, packed_words(in_features, cfg.bits)),
+        "scales": (out_features, in_features // g),
+        "table": (2**cfg.bits,),
+    }
+
+
+def read_quant_config(model_dir: str) -> FluteQuantConfig:
+    path = os.path.join(model_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    if "quantization_config" not in config:
+        raise ValueError(f"{path} has no quantization_config: not a flute checkpoint")
+    return FluteQuantConfig.from_dict(config["quantization_config"])
+
+
+__all__ = [
+    "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_GROUP_SIZES", "TENSOR_SUFFIXES",
+    "FluteQuantConfig", "check_group_size", "check_layer_shapes", "expected_shapes",
+    "packed_words", "read_quant_config",
+]

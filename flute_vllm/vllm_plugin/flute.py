@@ -1,0 +1,250 @@
+"""``--quantization flute``: config -> linear method -> flute op (the vLLM quantization pattern).
+
+Checkpoint tensors are in the canonical format v1 (see flute_vllm/format.py). Every tensor-parallel
+shard of it is a plain slice, so one small weight loader of ours serves every bits value (vLLM's
+``PackedvLLMParameter`` cannot express 32/3 indices per word):
+
+- column-parallel (and each q/k/v, gate/up sub-layer): rows of qweight and scales;
+- row-parallel: words ``k0*b/32 .. k1*b/32`` of qweight and groups ``k0/G .. k1/G`` of scales.
+
+Fused layers keep one table per sub-layer (``table`` is ``[S, 2^b]``); the op picks the table for
+each output row from ``shard_ends``. After loading, ``process_weights_after_loading`` checks that
+every tensor arrived and hands the local shard to ``ops.prepare_weights`` (the kernel layout).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .. import ops
+from ..format import FORMAT_VERSION, QUANT_METHOD, FluteQuantConfig, check_group_size
+from ..tables import check_bits
+from .compat import (
+    LinearBase,
+    LinearMethodBase,
+    QKVParallelLinear,
+    QuantizationConfig,
+    UnquantizedLinearMethod,
+    register_quantization_config,
+    set_weight_attrs,
+)
+
+_QKV_INDEX = {"q": 0, "k": 1, "v": 2}
+
+
+@register_quantization_config(QUANT_METHOD)
+class FluteConfig(QuantizationConfig):
+    """Reads ``quantization_config`` (quant_method "flute") from config.json."""
+
+    def __init__(self, spec: FluteQuantConfig) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def __repr__(self) -> str:
+        return f"FluteConfig({self.spec})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80  # the CUDA kernel uses sm_80+ instructions
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # the config lives in config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "FluteConfig":
+        return cls(FluteQuantConfig.from_dict(config))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> Optional[str]:
+        # A flute checkpoint is served as flute without --quantization.
+        if hf_quant_cfg.get("quant_method") == QUANT_METHOD and user_quant in (None, QUANT_METHOD):
+            return QUANT_METHOD
+        return None
+
+    def is_skipped(self, prefix: str) -> bool:
+        """True if ``modules_to_not_convert`` names this layer (for fused layers: all sub-layers)."""
+        proj = prefix.rsplit(".", 1)[-1]
+        subs = self.packed_modules_mapping.get(proj, [proj])
+        names = [prefix[: len(prefix) - len(proj)] + s for s in subs]
+        skipped = [any(n == m or n.endswith("." + m) or ("." + m + ".") in n for m in self.spec.modules_to_not_convert) for n in names]
+        if any(skipped) and not all(skipped):
+            raise ValueError(
+                f"{prefix}: modules_to_not_convert lists only some of the fused sub-layers {subs}; "
+                "vLLM runs them as one layer, so quantize all or none of them"
+            )
+        return all(skipped)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, LinearBase):
+            if self.is_skipped(prefix):
+                return UnquantizedLinearMethod()
+            return FluteLinearMethod(self, prefix)
+        return None
+
+
+class FluteLinearMethod(LinearMethodBase):
+    """Linear layers whose weight is ``table[q] * scales`` (format v1 on disk)."""
+
+    def __init__(self, quant_config: FluteConfig, prefix: str = "") -> None:
+        self.spec = quant_config.spec
+        self.prefix = prefix
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        bits = self.spec.bits
+        k_local = input_size_per_partition
+        n_local = sum(output_partition_sizes)
+        row_parallel = k_local != input_size
+        channelwise = self.spec.group_size == -1
+        # Channel-wise scales span the whole K: every row-parallel shard keeps all of them.
+        group = k_local if channelwise else self.spec.group_size
+        tp = getattr(layer, "tp_size", 1)
+        where = f"{self.prefix or 'layer'} (K={input_size}, N={output_size}, TP size {tp})"
+        if input_size % 32 or k_local % 32:
+            raise ValueError(
+                f"{where}: the input size per partition {k_local} is not a multiple of 32, "
+                "so the packed index words would be split"
+            )
+        if k_local % group:
+            raise ValueError(
+                f"{where}: group_size={self.spec.group_size} does not divide the input size per "
+                f"partition {k_local}; this tensor-parallel size would split a scale group"
+            )
+
+        qweight = torch.nn.Parameter(
+            torch.empty(n_local, k_local * bits // 32, dtype=torch.int32), requires_grad=False
+        )
+        scales = torch.nn.Parameter(torch.empty(n_local, k_local // group, dtype=params_dtype), requires_grad=False)
+        table = torch.nn.Parameter(
+            torch.empty(len(output_partition_sizes), 2**bits, dtype=torch.float32), requires_grad=False
+        )
+        k_start = layer.tp_rank * k_local if row_parallel else 0
+        for name, param in (("qweight", qweight), ("scales", scales), ("table", table)):
+            layer.register_parameter(name, param)
+            set_weight_attrs(param, {"weight_loader": _ShardLoader(layer, name, self.spec, k_start, k_local)})
+            param.flute_loaded = set()
+
+        layer.flute_bits = bits
+        layer.flute_group = group
+        layer.flute_parts = list(output_partition_sizes)
+        layer.flute_prefix = self.prefix
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        num_parts = len(layer.flute_parts)
+        for name in ("qweight", "scales", "table"):
+            loaded = getattr(layer, name).flute_loaded
+            if None not in loaded and len(loaded) < num_parts:
+                missing = "the tensor" if not loaded else f"sub-layers other than {sorted(map(str, loaded))}"
+                raise ValueError(
+                    f"{layer.flute_prefix}.{name}: missing from the checkpoint ({missing}); "
+                    "a flute layer needs qweight, scales and table"
+                )
+        shard_ends = torch.tensor(layer.flute_parts).cumsum(0).tolist()
+        qweight, scales, tables = ops.prepare_weights(
+            layer.qweight.data, layer.scales.data, layer.table.data, shard_ends, layer.flute_bits, layer.flute_group
+        )
+        for name, value in (("qweight", qweight), ("scales", scales), ("table", tables)):
+            delattr(layer, name)
+            layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
+        layer.flute_shard_ends = shard_ends
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return ops.lut_linear(
+            x, layer.qweight, layer.scales, layer.table, layer.flute_shard_ends,
+            layer.flute_bits, layer.flute_group, bias,
+        )
+
+
+class _ShardLoader:
+    """Copies this rank's slice of one checkpoint tensor into a flute parameter.
+
+    Called by vLLM as ``weight_loader(param, loaded_weight[, shard_id])``; ``shard_id`` is "q"/"k"/"v"
+    for QKVParallelLinear, an int for MergedColumnParallelLinear, None otherwise.
+    """
+
+    def __init__(self, layer, name: str, spec: FluteQuantConfig, k_start: int, k_local: int) -> None:
+        self.layer, self.name, self.spec = layer, name, spec
+        self.k_start, self.k_local = k_start, k_local
+
+    def _part_index(self, shard_id) -> Optional[int]:
+        if shard_id is None:
+            return None
+        if isinstance(shard_id, str):
+            return _QKV_INDEX[shard_id]
+        if isinstance(shard_id, int):
+            return shard_id
+        raise NotImplementedError(f"flute: fused-on-disk shard ids {shard_id!r} are not supported")
+
+    def _rows(self, part: Optional[int], shard_id) -> tuple[int, int, int]:
+        """(local row offset, local rows, first source row) of this rank's output slice."""
+        layer, parts = self.layer, self.layer.flute_parts
+        if part is None:
+            n_local = sum(parts)
+            sharded = n_local != layer.output_size
+            return 0, n_local, (layer.tp_rank * n_local if sharded else 0)
+        offset, size = sum(parts[:part]), parts[part]
+        rank = layer.tp_rank
+        if isinstance(layer, QKVParallelLinear) and shard_id in ("k", "v"):
+            rank = layer.tp_rank // layer.num_kv_head_replicas  # KV heads replicated over ranks
+        return offset, size, rank * size
+
+    def __call__(self, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        prefix = f"{self.layer.flute_prefix}.{self.name}" + (f" (shard {shard_id})" if shard_id is not None else "")
+        part = self._part_index(shard_id)
+        bits = self.spec.bits
+        if self.name == "table":
+            if loaded.numel() != 2**bits:
+                raise ValueError(f"{prefix}: table has {loaded.numel()} entries, but bits={bits} needs {2**bits}")
+            rows = param.data if part is None else param.data[part : part + 1]
+            rows.copy_(loaded.reshape(1, -1).to(torch.float32).expand_as(rows))
+            param.flute_loaded.add(shard_id)
+            return
+
+        offset, size, src = self._rows(part, shard_id)
+        if self.name == "qweight":
+            if loaded.dtype != torch.int32:
+                raise ValueError(f"{prefix}: expected int32 packed indices, got {loaded.dtype}")
+            c0, c1 = self.k_start * bits // 32, (self.k_start + self.k_local) * bits // 32
+            full_k = self.layer.input_size
+            if loaded.shape[1] != full_k * bits // 32:
+                raise ValueError(
+                    f"{prefix}: has {loaded.shape[1]} words per row; K={full_k} at bits={bits} needs "
+                    f"{full_k * bits // 32} (wrong bits in quantization_config?)"
+                )
+        else:  # scales
+            group = self.layer.flute_group
+            if self.spec.group_size == -1:
+                c0, c1 = 0, 1
+            else:
+                c0, c1 = self.k_start // group, (self.k_start + self.k_local) // group
+            expected_cols = 1 if self.spec.group_size == -1 else self.layer.input_size // group
+            if loaded.shape[1] != expected_cols:
+                raise ValueError(
+                    f"{prefix}: has {loaded.shape[1]} groups per row; K={self.layer.input_size} with "
+                    f"group_size={self.spec.group_size} needs {expected_cols}"
+                )
+        if loaded.shape[0] < src + size:
+            raise ValueError(f"{prefix}: has {loaded.shape[0]} rows, this shard needs rows {src}..{src + size}")
+        param.data[offset : offset + size].copy_(loaded[src : src + size, c0:c1])
+        param.flute_loaded.add(shard_id)
+
+
+__all__ = ["FluteConfig", "FluteLinearMethod", "FORMAT_VERSION", "check_bits", "check_group_size"]

@@ -1,0 +1,63 @@
+// flute_vllm LUT-GEMM: torch-free C++ launch API on raw device pointers + a CUDA stream.
+//
+// Y[M, N] = X[M, K] @ W_hat[N, K]^T with W_hat[n, k] = table_s[q[n, k]] * scale[n, k / G].
+// The weight tensors are in the *kernel layout* made by flute_vllm.cuda_op.prepare():
+//   qweight  uint32, per 16-row tile T and 64-wide K chunk c, 32 lanes x BITS words
+//            (see kernels/NOTES.md "Layout" and cuda_op._pack_kernel_layout)
+//   scales   act dtype, [T][K/G][16]  (rows of one tile contiguous per group)
+//   tables   uint32 [N/16][kTableWords]: words 0-3 low bytes of the 16 entries in the act dtype,
+//            words 4-7 high bytes, words 8-23 the float32 table (entries >= 2^BITS are zero).
+// Requirements (checked in Python before launch): N % 16 == 0, K % 32 == 0, G in {32, 64, 128,
+// 256} or G == K, x row-major contiguous and 16-byte aligned, every pointer 16-byte aligned.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace flute {
+
+enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+constexpr int kTableWords = 24;
+constexpr int kWarpsPerCta = 4;
+
+struct GemmParams {
+  const void* x;             // [M, K] act dtype (fp16 / bf16)
+  const uint32_t* qweight;   // kernel layout
+  const void* scales;        // kernel layout, act dtype
+  const uint32_t* tables;    // [N/16, kTableWords]
+  void* out;                 // [M, N] act dtype
+  float* workspace;          // split-K partials: [m_chunks][splits][8*m_tiles][N] fp32 (splits > 1)
+  int* counters;             // >= grid_x * m_chunks ints, zero on entry, left zero on exit
+  int M, N, K;
+  int bits;                  // 2, 3, 4
+  int group_size;            // G (G == K for channel-wise)
+  int splits;                // CTAs along K
+  int chunks_per_split;      // 64-wide K chunks per split
+  int m_tiles;               // 8-row activation tiles per CTA: 1, 2, 4, 8
+  DType dtype;
+};
+
+// Tiles of 16 output rows handled by one warp for a given m_tiles (the kernel's NT parameter).
+inline int gemm_n_tiles_per_warp(int m_tiles) { return m_tiles >= 4 ? 2 : 1; }
+// CTAs along N for a given N and m_tiles.
+inline int gemm_grid_x(int N, int m_tiles) {
+  const int rows_per_cta = 16 * gemm_n_tiles_per_warp(m_tiles) * kWarpsPerCta;
+  return (N + rows_per_cta - 1) / rows_per_cta;
+}
+inline int gemm_m_chunks(int M, int m_tiles) { return (M + 8 * m_tiles - 1) / (8 * m_tiles); }
+
+cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
+
+struct DequantParams {
+  const uint32_t* qweight;
+  const void* scales;
+  const uint32_t* tables;
+  void* out;                 // [N, K] in dtype (fp16 / bf16 / fp32)
+  int N, K, bits, group_size;
+  DType dtype;
+};
+
+cudaError_t launch_dequant(const DequantParams& p, cudaStream_t stream);
+
+}  // namespace flute
