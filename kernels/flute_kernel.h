@@ -39,7 +39,7 @@ struct GemmParams {
 };
 
 // Tiles of 16 output rows handled by one warp for a given m_tiles (the kernel's NT parameter).
-inline int gemm_n_tiles_per_warp(int m_tiles) { return m_tiles >= 4 ? 2 : 1; }
+inline int gemm_n_tiles_per_warp(int m_tiles) { return m_tiles == 4 ? 2 : 1; }
 // CTAs along N for a given N and m_tiles.
 inline int gemm_grid_x(int N, int m_tiles) {
   const int rows_per_cta = 16 * gemm_n_tiles_per_warp(m_tiles) * kWarpsPerCta;
@@ -48,6 +48,9 @@ inline int gemm_grid_x(int N, int m_tiles) {
 inline int gemm_m_chunks(int M, int m_tiles) { return (M + 8 * m_tiles - 1) / (8 * m_tiles); }
 
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
+
+// Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype); 0 on error.
+int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype);
 
 struct DequantParams {
   const uint32_t* qweight;

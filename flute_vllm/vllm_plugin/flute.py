@@ -98,6 +98,9 @@ class FluteLinearMethod(LinearMethodBase):
     def __init__(self, quant_config: FluteConfig, prefix: str = "") -> None:
         self.spec = quant_config.spec
         self.prefix = prefix
+        proj = prefix.rsplit(".", 1)[-1]
+        # checkpoint names of the sub-layers vLLM fused into this one (q/k/v_proj, gate/up_proj)
+        self.sub_layer_names = quant_config.packed_modules_mapping.get(proj, [proj])
 
     def create_weights(
         self,
@@ -148,15 +151,7 @@ class FluteLinearMethod(LinearMethodBase):
         layer.flute_prefix = self.prefix
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        num_parts = len(layer.flute_parts)
-        for name in ("qweight", "scales", "table"):
-            loaded = getattr(layer, name).flute_loaded
-            if None not in loaded and len(loaded) < num_parts:
-                missing = "the tensor" if not loaded else f"sub-layers other than {sorted(map(str, loaded))}"
-                raise ValueError(
-                    f"{layer.flute_prefix}.{name}: missing from the checkpoint ({missing}); "
-                    "a flute layer needs qweight, scales and table"
-                )
+        self._check_all_loaded(layer)
         shard_ends = torch.tensor(layer.flute_parts).cumsum(0).tolist()
         qweight, scales, tables = ops.prepare_weights(
             layer.qweight.data, layer.scales.data, layer.table.data, shard_ends, layer.flute_bits, layer.flute_group
@@ -165,6 +160,27 @@ class FluteLinearMethod(LinearMethodBase):
             delattr(layer, name)
             layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
         layer.flute_shard_ends = shard_ends
+
+    def _check_all_loaded(self, layer: torch.nn.Module) -> None:
+        """Every sub-layer's qweight, scales and table must have come from the checkpoint."""
+        proj = self.prefix.rsplit(".", 1)[-1]
+        parent = self.prefix[: len(self.prefix) - len(proj)]
+        num_parts = len(layer.flute_parts)
+        if isinstance(layer, QKVParallelLinear):
+            shard_ids = ["q", "k", "v"]
+        else:
+            shard_ids = list(range(num_parts)) if num_parts > 1 else [None]
+        names = self.sub_layer_names if len(self.sub_layer_names) == len(shard_ids) else [proj] * len(shard_ids)
+        for tensor in ("qweight", "scales", "table"):
+            loaded = getattr(layer, tensor).flute_loaded
+            if None in loaded:
+                continue  # fused on disk: loaded in one piece
+            missing = [f"{parent}{name}.{tensor}" for sid, name in zip(shard_ids, names) if sid not in loaded]
+            if missing:
+                raise ValueError(
+                    f"flute checkpoint is missing {', '.join(missing)} (layer {self.prefix}); "
+                    "every quantized layer needs qweight, scales and table"
+                )
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         return ops.lut_linear(

@@ -1,0 +1,308 @@
+"""Kernel benchmark (DESIGN.md "How to benchmark the kernel").
+
+Same process, same run: cuBLAS (``F.linear`` in the record's dtype), torch's int4 tinygemm
+(``aten._weight_int4pack_mm``, bf16, W4 only), and ours (``flute``: the LUT kernel; ``flute_dense``:
+our dequantize + cuBLAS fallback, timed at M >= 256 to place the switch). humming-kernels is not
+run (see kernels/NOTES.md).
+
+L2 is defeated by rotating over R weight copies with R x bytes >= 4 x L2; many calls are captured
+in one CUDA graph, timed with CUDA events, and the median per-call time of several replays is
+reported. Writes ``benchmarks/results/<gpu>.json`` (a list of records) and ``<gpu>.md``.
+
+    python benchmarks/kernel.py             # the full plan (~ a few minutes on an H100)
+    python benchmarks/kernel.py --quick     # fp16 W4 g128 only, fewer M
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flute_vllm import cuda_op  # noqa: E402
+
+HBM_BW = 3.06e12  # measured read-only bandwidth of the H100 (DESIGN.md); the roofline
+SHAPES = {  # name: (N, K)
+    "8B-qkv": (6144, 4096), "8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "8B-down": (4096, 14336),
+    "70B-qkv": (10240, 8192), "70B-o": (8192, 8192), "70B-gate_up": (57344, 8192), "70B-down": (8192, 28672),
+}
+FULL = list(SHAPES)
+for _name in FULL:  # TP=2 slices: column-parallel halves N, row-parallel halves K
+    _n, _k = SHAPES[_name]
+    SHAPES[_name + "/tp2"] = (_n // 2, _k) if _name.endswith(("qkv", "gate_up")) else (_n, _k // 2)
+# The streaming floor (µs) for W4 g128 at M=1 on the H100 (DESIGN.md), full shapes only.
+FLOOR_US = dict(zip(FULL, (5.9, 4.5, 20.9, 11.3, 15.4, 12.7, 78.1, 40.0)))
+MS = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name()
+
+
+def l2_bytes() -> int:
+    return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 * 2**20)
+
+
+def time_graph(fns, calls_hint: int, replays: int = 7) -> float:
+    """Median µs per call of ``fns[i % len(fns)]()`` captured ``calls`` times in one CUDA graph."""
+    for f in fns[:2]:
+        f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fns[0]()
+    torch.cuda.synchronize()
+    est = max(1e-6, time.perf_counter() - t0)
+    calls = max(len(fns), min(calls_hint, int(math.ceil(0.02 / est))))
+    calls = int(math.ceil(calls / len(fns)) * len(fns))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    del g
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, math.ceil(4 * l2_bytes() / max(1, nbytes)))
+
+
+class Layer:
+    """R copies of one random quantized layer in the kernel layout."""
+
+    def __init__(self, n, k, bits, g, dtype):
+        dev = torch.device("cuda")
+        qw = torch.randint(-2**31, 2**31 - 1, (n, k * bits // 32), dtype=torch.int32, device=dev)
+        sc = (torch.rand(n, k // g, device=dev) * 0.02 + 0.005).to(dtype)
+        tab = torch.randn(1, 2**bits, device=dev)
+        q0, s0, t0 = cuda_op.prepare(qw, sc, tab, [n], bits, g)
+        del qw
+        self.nbytes = q0.numel() * 4 + s0.numel() * s0.element_size()
+        r = copies_for(self.nbytes)
+        self.copies = [(q0, s0, t0)] + [(q0.clone(), s0.clone(), t0) for _ in range(r - 1)]
+        self.n, self.k, self.bits, self.g, self.dtype = n, k, bits, g, dtype
+
+
+def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=(256, 1024, 4096)):
+    dev = torch.device("cuda")
+    layer = Layer(n, k, bits, g, dtype)
+    cublas_t = {}
+    if "cublas" in kernels:
+        wbytes = n * k * 2
+        ws = [torch.randn(n, k, device=dev).to(dtype) * 0.02 for _ in range(copies_for(wbytes))]
+    tiny = None
+    if "tinygemm" in kernels and dtype == torch.bfloat16 and bits == 4 and k % 128 == 0:
+        try:
+            tb = []
+            wbytes = n * k // 2
+            for _ in range(copies_for(wbytes)):
+                w8 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=dev)
+                wp = torch.ops.aten._convert_weight_to_int4pack(w8, 8)
+                sz = torch.rand(k // g, n, 2, device=dev).to(torch.bfloat16)
+                tb.append((wp, sz))
+            tiny = tb
+        except Exception as e:  # noqa: BLE001
+            print(f"  tinygemm unavailable: {type(e).__name__}: {e}")
+    for m in ms:
+        x = torch.randn(m, k, device=dev).to(dtype)
+        row = dict(gpu=gpu, dtype=str(dtype).split(".")[-1], bits=bits, group_size=g, shape=name, N=n, K=k, M=m)
+        results = {}
+        if "cublas" in kernels:
+            results["cublas"] = time_graph([lambda w=w: F.linear(x, w) for w in ws], 200)
+        if tiny is not None:
+            results["tinygemm"] = time_graph(
+                [lambda wp=wp, sz=sz: torch.ops.aten._weight_int4pack_mm(x, wp, g, sz) for wp, sz in tiny], 200)
+        if "flute" in kernels:
+            results["flute"] = time_graph(
+                [lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut") for c in layer.copies], 200)
+        if "flute" in kernels and m in dense_ms:
+            results["flute_dense"] = time_graph(
+                [lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="dense") for c in layer.copies], 50)
+        base = results.get("cublas")
+        floor = FLOOR_US.get(name) if (bits == 4 and g == 128 and m == 1) else None
+        for kern, us in results.items():
+            rec = dict(row, kernel=kern, us=round(us, 3),
+                       speedup_vs_cublas=round(base / us, 3) if base else None,
+                       roofline_frac=round(layer.nbytes / HBM_BW * 1e6 / us, 3) if kern.startswith("flute") else None,
+                       floor_frac=round(floor / us, 3) if (floor and kern.startswith("flute")) else None)
+            records.append(rec)
+        print(f"  {name:15s} {str(dtype)[6:]:8s} W{bits} g{g:<4d} M={m:<5d} "
+              + "  ".join(f"{kk}={v:8.2f}us" for kk, v in results.items())
+              + (f"  x{base / results['flute']:.2f}" if base and "flute" in results else ""), flush=True)
+    del layer
+    torch.cuda.empty_cache()
+
+
+def geo(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def best_flute(recs):
+    """Per (dtype, bits, g, shape, M): the faster of our two paths (what the op's heuristic aims at)."""
+    best = {}
+    for r in recs:
+        if r["kernel"].startswith("flute"):
+            key = (r["dtype"], r["bits"], r["group_size"], r["shape"], r["M"])
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    return best
+
+
+def write_markdown(records, path, gpu):
+    lines = [f"# flute kernel benchmark on {gpu}", "",
+             "Times in µs (median per call of a CUDA graph of many calls, L2 defeated by rotating weight copies). "
+             "`flute` is the LUT kernel; `flute_dense` is dequantize + cuBLAS (measured at M >= 256); "
+             "`best` takes the faster of the two per case. Speedup is vs cuBLAS `F.linear` in the same dtype, same run.",
+             ""]
+    best = best_flute(records)
+    combos = sorted({(r["dtype"], r["bits"], r["group_size"]) for r in records})
+    lines += ["## Geo-mean speedup vs cuBLAS over shapes", "",
+              "| dtype | bits | G | shapes | " + " | ".join(f"M={m}" for m in MS) + " |",
+              "|---|---|---|---|" + "---|" * len(MS)]
+    for dt, b, g in combos:
+        for subset, names in (("full", FULL), ("all", list(SHAPES))):
+            cells = []
+            for m in MS:
+                v = [best[(dt, b, g, s, m)]["speedup_vs_cublas"] for s in names if (dt, b, g, s, m) in best]
+                cells.append(f"{geo(v):.2f}x" if v else "")
+            if any(cells):
+                lines.append(f"| {dt} | {b} | {g} | {subset} | " + " | ".join(cells) + " |")
+    lines += ["", "## M=1 W3/W2 vs W4 (same dtype, g128, time ratio W4/Wb, geo-mean over the 8 full shapes)", ""]
+    for dt in sorted({r["dtype"] for r in records}):
+        for b in (3, 2):
+            v = [best[(dt, 4, 128, s, 1)]["us"] / best[(dt, b, 128, s, 1)]["us"] for s in FULL
+                 if (dt, 4, 128, s, 1) in best and (dt, b, 128, s, 1) in best]
+            if v:
+                lines.append(f"- {dt} W{b}: {geo(v):.2f}x faster than W4")
+    v = {}
+    for m in MS:
+        r = [best[("float16", 4, 128, s, m)]["us"] / best[("bfloat16", 4, 128, s, m)]["us"] for s in SHAPES
+             if ("float16", 4, 128, s, m) in best and ("bfloat16", 4, 128, s, m) in best]
+        if r:
+            v[m] = geo(r)
+    if v:
+        lines += ["", "bf16 vs fp16 (W4 g128, time fp16/bf16, >1 = bf16 faster): "
+                  + ", ".join(f"M={m}: {x:.3f}" for m, x in v.items())]
+    for dt, b, g in combos:
+        rows = [r for r in records if (r["dtype"], r["bits"], r["group_size"]) == (dt, b, g)]
+        ms = sorted({r["M"] for r in rows})
+        lines += ["", f"## {dt} W{b} g{g}: µs (speedup vs cuBLAS)", "",
+                  "| shape | N | K | kernel | " + " | ".join(f"M={m}" for m in ms) + " |",
+                  "|---|---|---|---|" + "---|" * len(ms)]
+        for s in SHAPES:
+            for kern in ("cublas", "tinygemm", "flute", "flute_dense"):
+                cells, any_ = [], False
+                for m in ms:
+                    r = next((r for r in rows if r["shape"] == s and r["M"] == m and r["kernel"] == kern), None)
+                    if r:
+                        any_ = True
+                        sp = f" ({r['speedup_vs_cublas']:.2f}x)" if kern != "cublas" and r["speedup_vs_cublas"] else ""
+                        cells.append(f"{r['us']:.1f}{sp}")
+                    else:
+                        cells.append("")
+                if any_:
+                    n, k = SHAPES[s]
+                    lines.append(f"| {s} | {n} | {k} | {kern} | " + " | ".join(cells) + " |")
+        m1 = [r for r in rows if r["M"] == 1 and r["kernel"] == "flute" and r["floor_frac"]]
+        if m1:
+            lines.append("")
+            lines.append("M=1 fraction of the streaming floor: " + ", ".join(f"{r['shape']} {r['floor_frac']:.2f}" for r in m1))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16, bits=4, g=128):
+    """Print our time per split-K choice (to calibrate configs/*.json), plus the heuristic's pick."""
+    cfg = cuda_op.device_config(0)
+    for name in names:
+        n, k = SHAPES[name]
+        layer = Layer(n, k, bits, g, dtype)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            res = cuda_op._ctas_per_sm(bits, cuda_op.m_tiles_for(m), str(dtype).split(".")[-1], 0)
+            auto = cuda_op.plan(m, n, k, cfg, resident=res)["splits"]
+            cells = []
+            for sp in splits + (None,):
+                us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", splits=sp)
+                                 for c in layer.copies], 200)
+                cells.append(f"{'auto=' + str(auto) if sp is None else sp}:{us:.1f}")
+            if m >= 33:
+                for mt in (4, 8):
+                    us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", m_tiles=mt)
+                                     for c in layer.copies], 200)
+                    cells.append(f"mt{mt}:{us:.1f}")
+                us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="dense")
+                                 for c in layer.copies], 100)
+                cells.append(f"dense:{us:.1f}")
+            print(f"tune {name:15s} M={m:<4d} " + " ".join(cells), flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fp16 W4 g128 only")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--plan", default="full", choices=["full", "quick", "core"])
+    ap.add_argument("--tune", default="", help="comma-separated shapes: split-K sweep only")
+    args = ap.parse_args(argv)
+    if args.tune:
+        tune([t for t in args.tune.split(",") if t])
+        return
+    plan = "quick" if args.quick else args.plan
+    gpu = gpu_name()
+    names = [s for s in args.shapes.split(",") if s]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    records = []
+    # (dtype, bits, g, Ms, kernels)
+    jobs = [(torch.float16, 4, 128, MS, ("cublas", "flute"))]
+    if plan in ("full", "core"):
+        jobs += [(torch.bfloat16, 4, 128, MS, ("cublas", "tinygemm", "flute")),
+                 (torch.float16, 3, 128, (1, 16, 64), ("cublas", "flute")),
+                 (torch.float16, 2, 128, (1, 16, 64), ("cublas", "flute")),
+                 (torch.float16, 4, 64, (1, 16, 64), ("cublas", "flute"))]
+    if plan == "full":
+        jobs += [(torch.bfloat16, 3, 128, (1, 16), ("cublas", "flute")),
+                 (torch.bfloat16, 2, 128, (1, 16), ("cublas", "flute"))]
+    t0 = time.time()
+    for dtype, bits, g, ms, kernels in jobs:
+        for name in names:
+            n, k = SHAPES[name]
+            bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    write_markdown(records, out / f"{stem}.md", gpu)
+    print(f"wrote {out / stem}.json/.md ({len(records)} records, {time.time() - t0:.0f}s)")
+    print((out / f"{stem}.md").read_text().split("## float16 W4")[0])
+
+
+if __name__ == "__main__":
+    main()

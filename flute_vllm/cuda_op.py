@@ -1,0 +1,357 @@
+"""CUDA implementation of ``flute_vllm::lut_gemm``: weight repacking, config choice, registration.
+
+Importing this module registers the CUDA kernel of the op; it does not touch CUDA or compile
+anything (safe on CPU-only machines). The extension is compiled on first use (see ``_build``).
+
+Kernel layout (made once by :func:`prepare`; see kernels/NOTES.md):
+
+- ``qweight_k`` int32 ``[N, Kp*b/32]`` (Kp = K rounded up to 64; the pad holds index 0 and meets
+  zero activations): per 16-row tile and 64-wide K chunk, 32 lanes x b words in the order the
+  ``mma.m16n8k16`` A fragment wants them, K permuted inside the chunk so each lane's activation
+  fragment is contiguous.
+- ``scales_k`` ``[N, K/G]`` same dtype, memory order ``[N/16][K/G][16]`` (shape[0] stays N).
+- ``tables_k`` int32 ``[N/16, 24]``: each tile's table (the one of its shard) as low/high byte
+  tables in the activation dtype (for ``prmt`` lookups) plus the float32 values.
+
+Requirements (ValueError otherwise): N % 16 == 0, K % 32 == 0, every shard end % 16 == 0,
+G in {32, 64, 128, 256} or G == K, scales dtype fp16/bf16/fp32 == activation dtype at call time.
+fp32 activations and large M run dequantize-to-dense + cuBLAS (``torch.nn.functional.linear``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .ops import check_op_args, lut_gemm
+from .quantize import unpack
+from .tables import check_bits
+
+TILE_N = 16
+CHUNK_K = 64
+TABLE_WORDS = 24
+WARPS_PER_CTA = 4
+COUNTER_SLOTS = 1 << 16
+GROUP_SIZES = (32, 64, 128, 256)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# 3-bit msb plane: shift that brings the msbs of (step, half) q to bit 2 of each selector nibble.
+_MSB_SHIFT = (-2, -1, 0, 1, 14, 15, 16, 17)
+
+_counters: dict[int, torch.Tensor] = {}
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _fail(msg: str):
+    raise ValueError(f"flute_vllm (CUDA): {msg}")
+
+
+def _check_layout_args(n: int, k: int, bits: int, group_size: int, shard_ends) -> None:
+    check_bits(bits)
+    if n % TILE_N:
+        _fail(f"N={n} output features must be a multiple of {TILE_N}")
+    if k % 32:
+        _fail(f"K={k} input features must be a multiple of 32")
+    if group_size != k and group_size not in GROUP_SIZES:
+        _fail(f"group_size={group_size} must be one of {GROUP_SIZES} or K={k} (channel-wise)")
+    if k % group_size:
+        _fail(f"group_size={group_size} does not divide K={k}")
+    ends = list(shard_ends)
+    if not ends or ends[-1] != n or any(b <= a for a, b in zip([0] + ends[:-1], ends)):
+        _fail(f"shard_ends={ends} must increase and end at N={n}")
+    if any(e % TILE_N for e in ends):
+        _fail(f"shard_ends={ends}: every shard boundary must be a multiple of {TILE_N}")
+
+
+def _padded_k(k: int) -> int:
+    return (k + CHUNK_K - 1) // CHUNK_K * CHUNK_K
+
+
+# ----------------------------------------------------------------------------------------------
+# prepare: canonical -> kernel layout
+
+
+def _pack_kernel_layout(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Indices ``[R, Kp]`` (R % 16 == 0, Kp % 64 == 0) -> int32 words ``[R/16, Kp/64, 32*bits]``."""
+    r, kp = q.shape
+    t, nch = r // TILE_N, kp // CHUNK_K
+    # row = 16T + 8*h8 + g ; k = 64c + 32*sh + 8*tt + 4*sl + 2*kh + kl
+    e = q.reshape(t, 2, 8, nch, 2, 4, 2, 2, 2)
+    # -> [T, c, g, tt, sh, sl, kh, h8, kl]: lane = 4g + tt, step s = 2sh + sl, element i = 4kh + 2h8 + kl
+    e = e.permute(0, 3, 2, 5, 4, 6, 7, 1, 8).reshape(t, nch, 32, 4, 8).to(torch.int64)
+    dev = q.device
+    i = torch.arange(8, device=dev)
+    if bits == 4:
+        words = (e << (4 * i)).sum(-1)  # [T, c, 32, 4]
+    else:
+        lo = e & 3
+        pos2 = torch.where(i < 4, 4 * i, 4 * (i - 4) + 2)
+        half = (lo << pos2).sum(-1)  # [T, c, 32, 4 steps] 16-bit values
+        words = half[..., 0::2] | (half[..., 1::2] << 16)  # [T, c, 32, 2]
+        if bits == 3:
+            msb = e >> 2
+            s = torch.arange(4, device=dev).view(4, 1)
+            qidx = 2 * s + (i >= 4).view(1, 8).to(torch.int64)
+            shift = torch.tensor(_MSB_SHIFT, device=dev)[qidx]
+            pos = 4 * (i & 3).view(1, 8) + 2 + shift  # [4, 8], all distinct in 0..31
+            mword = (msb << pos).sum((-1, -2))  # [T, c, 32]
+            words = torch.cat([words.reshape(t, nch, 64), mword], dim=-1)
+    words = words.reshape(t, nch, 32 * bits)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _table_words(tables: torch.Tensor, dtype: torch.dtype, bits: int) -> torch.Tensor:
+    """float32 ``[S, 2^b]`` -> int32 ``[S, 24]`` (byte tables in ``dtype`` + float32 values)."""
+    s = tables.shape[0]
+    vals = torch.zeros(s, 16, dtype=torch.float32, device=tables.device)
+    vals[:, : 2**bits] = tables.to(torch.float32)
+    byte_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    u16 = vals.to(byte_dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    lo, hi = u16 & 0xFF, u16 >> 8
+    shifts = 8 * torch.arange(4, device=tables.device)
+    lo_w = (lo.view(s, 4, 4) << shifts).sum(-1)
+    hi_w = (hi.view(s, 4, 4) << shifts).sum(-1)
+    f_w = vals.view(torch.int32).to(torch.int64)
+    words = torch.cat([lo_w, hi_w, f_w], dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _counters_for(device: torch.device) -> torch.Tensor:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _counters.get(idx)
+    if buf is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "flute_vllm: call flute_vllm.ops.prepare_weights() (or run the op once) before CUDA-graph capture"
+            )
+        buf = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=torch.device("cuda", idx))
+        _counters[idx] = buf
+    return buf
+
+
+def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: int = 4096):
+    """Canonical (format v1) tensors on a CUDA device -> ``(qweight_k, scales_k, tables_k)``."""
+    check_bits(bits)
+    if not (isinstance(qweight, torch.Tensor) and qweight.dtype == torch.int32 and qweight.dim() == 2):
+        _fail(f"qweight must be int32 [N, K*bits/32], got {getattr(qweight, 'dtype', type(qweight))} "
+              f"{tuple(getattr(qweight, 'shape', ()))}")
+    n, words = qweight.shape
+    if (words * 32) % bits:
+        _fail(f"qweight has {words} words per row: not a whole number of {bits}-bit indices")
+    k = words * 32 // bits
+    if scales.dim() != 2 or scales.shape[0] != n:
+        _fail(f"scales has shape {tuple(scales.shape)}, expected [N={n}, K/G]")
+    if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        _fail(f"scales has dtype {scales.dtype}; expected float16 / bfloat16 / float32")
+    tables = torch.as_tensor(tables)
+    if tables.dim() == 1:
+        tables = tables.unsqueeze(0)
+    if tables.dim() != 2 or tables.shape[1] != 2**bits:
+        _fail(f"tables must be [S, 2^{bits}], got {tuple(tables.shape)}")
+    shard_ends = [int(e) for e in shard_ends]
+    if len(shard_ends) != tables.shape[0]:
+        _fail(f"{len(shard_ends)} shard_ends for {tables.shape[0]} tables")
+    _check_layout_args(n, k, bits, group_size, shard_ends)
+    if scales.shape[1] != k // group_size:
+        _fail(f"scales has shape {tuple(scales.shape)}, expected [N, K/G] = [{n}, {k // group_size}]")
+    dev = qweight.device
+    if dev.type != "cuda":
+        _fail(f"prepare needs CUDA tensors, got qweight on {dev}")
+    if not torch.isfinite(tables).all():
+        _fail("tables has non-finite entries")
+    _counters_for(dev)
+
+    kp = _padded_k(k)
+    nch = kp // CHUNK_K
+    out = torch.empty(n // TILE_N, nch, 32 * bits, dtype=torch.int32, device=dev)
+    row_block = max(TILE_N, row_block // TILE_N * TILE_N)
+    for r0 in range(0, n, row_block):
+        r1 = min(n, r0 + row_block)
+        q = unpack(qweight[r0:r1].contiguous(), bits)
+        if kp != k:
+            q = torch.nn.functional.pad(q, (0, kp - k))
+        out[r0 // TILE_N : r1 // TILE_N] = _pack_kernel_layout(q, bits)
+    qweight_k = out.view(n, kp * bits // 32)
+
+    ng = k // group_size
+    scales_k = scales.contiguous().view(n // TILE_N, TILE_N, ng).transpose(1, 2).contiguous().view(n, ng)
+
+    tw = _table_words(tables.to(dev), scales.dtype, bits)  # [S, 24]
+    ends = torch.tensor(shard_ends, device=dev)
+    tile_rows = torch.arange(n // TILE_N, device=dev) * TILE_N
+    shard_of_tile = torch.searchsorted(ends, tile_rows, right=True)
+    tables_k = tw[shard_of_tile].contiguous()
+    return qweight_k, scales_k, tables_k
+
+
+# ----------------------------------------------------------------------------------------------
+# configs
+
+
+@lru_cache(maxsize=None)
+def _all_configs() -> list[dict]:
+    cfgs = []
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["_file"] = path.name
+        cfgs.append(cfg)
+    return cfgs
+
+
+@lru_cache(maxsize=None)
+def device_config(device_index: int) -> dict:
+    """The tuned config whose ``match`` strings occur in the device name, else ``default.json``'s."""
+    props = torch.cuda.get_device_properties(device_index)
+    name = props.name
+    default = {
+        "waves": 1.0,
+        "min_chunks_per_split": 4,
+        "max_splits": 32,
+        "dequant_min_m": 512,
+    }
+    chosen = None
+    for cfg in _all_configs():
+        if any(s.lower() in name.lower() for s in cfg.get("match", [])):
+            chosen = cfg
+            break
+    if chosen is None:
+        chosen = next((c for c in _all_configs() if c.get("_file") == "default.json"), {})
+    out = dict(default)
+    out.update({k: v for k, v in chosen.items() if not k.startswith("_")})
+    out["sm_count"] = props.multi_processor_count
+    out["device_name"] = name
+    out["config_file"] = chosen.get("_file", "<builtin>")
+    return out
+
+
+def m_tiles_for(m: int) -> int:
+    return 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+
+
+@lru_cache(maxsize=None)
+def _ctas_per_sm(bits: int, m_tiles: int, dtype_name: str, device_index: int) -> int:
+    with torch.cuda.device(device_index):
+        return max(1, int(_ext().ctas_per_sm(bits, m_tiles, dtype_name)))
+
+
+def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
+         resident: Optional[int] = None) -> dict:
+    """Launch plan: m_tiles, split-K (CTAs along K) and chunks per split.
+
+    Split-K fills the GPU without a second partial wave: splits = floor(waves * resident CTAs /
+    CTAs along N and M), at least ``min_chunks_per_split`` 64-wide chunks per split.
+    """
+    mt = m_tiles or m_tiles_for(m)
+    nt = 2 if mt == 4 else 1  # kernels/flute_kernel.h gemm_n_tiles_per_warp
+    grid_x = -(-n // (TILE_N * nt * WARPS_PER_CTA))
+    m_chunks = -(-m // (8 * mt))
+    nch = _padded_k(k) // CHUNK_K
+    if splits is None:
+        slots = cfg["sm_count"] * (resident or 4) * float(cfg.get("waves", 1.0))
+        base = grid_x * m_chunks
+        splits = max(1, min(int(slots // base), nch // max(1, cfg["min_chunks_per_split"]), cfg["max_splits"]))
+    splits = max(1, min(int(splits), nch))
+    if grid_x * m_chunks > COUNTER_SLOTS:
+        splits = 1
+    cps = -(-nch // splits)
+    splits = -(-nch // cps)
+    return {"m_tiles": mt, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "m_chunks": m_chunks}
+
+
+# ----------------------------------------------------------------------------------------------
+# the op
+
+
+def _ext():
+    from . import _build
+
+    return _build.load()
+
+
+def check_cuda_args(x, qweight, scales, tables, shard_ends, bits, group_size) -> tuple[int, int, int]:
+    """Validate the CUDA op's inputs (kernel layout); returns (M, N, K)."""
+    check_bits(bits)
+    if not isinstance(tables, torch.Tensor) or tables.dtype != torch.int32 or tables.dim() != 2 \
+            or tables.shape[1] != TABLE_WORDS:
+        _fail(f"tables must be the int32 [N/16, {TABLE_WORDS}] tensor made by prepare(), got "
+              f"{getattr(tables, 'dtype', None)} {tuple(getattr(tables, 'shape', ()))}; "
+              "call flute_vllm.ops.prepare_weights() after loading")
+    # Shared checks (x, scales, shard_ends) against a stand-in of the canonical tables' shape.
+    check_op_args(x, qweight, scales, torch.empty(len(shard_ends), 2**bits, device="meta"),
+                  shard_ends, bits, group_size)
+    m, k = x.shape
+    n = scales.shape[0]
+    _check_layout_args(n, k, bits, group_size, shard_ends)
+    if x.device.type != "cuda":
+        _fail(f"x is on {x.device}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("tables", tables)):
+        if t.device != x.device:
+            _fail(f"{name} is on {t.device} but x is on {x.device}")
+    if scales.dtype != x.dtype:
+        _fail(f"scales dtype {scales.dtype} != x dtype {x.dtype} (prepare() built the tables for the scales dtype)")
+    kp = _padded_k(k)
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (n, kp * bits // 32):
+        _fail(f"qweight must be the int32 [N, Kp*bits/32] = [{n}, {kp * bits // 32}] tensor made by prepare() "
+              f"for K={k}, got {qweight.dtype} {tuple(qweight.shape)}")
+    if tables.shape[0] != n // TILE_N:
+        _fail(f"tables has {tables.shape[0]} rows, expected N/16 = {n // TILE_N}")
+    return m, n, k
+
+
+def dequantize_kernel_layout(qweight, scales, tables, bits, group_size, k, dtype=None) -> torch.Tensor:
+    """Kernel layout -> dense ``[N, K]`` in ``dtype`` (default: the scales dtype)."""
+    n = scales.shape[0]
+    dtype = dtype or scales.dtype
+    if dtype != scales.dtype:
+        _fail("dequantize: dtype must equal the scales dtype")
+    w = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    _ext().dequant(qweight, scales.contiguous(), tables, w, bits, group_size)
+    return w
+
+
+def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None):
+    """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
+    m, k = x.shape
+    n = scales.shape[0]
+    if m == 0:
+        return x.new_empty((0, n))
+    cfg = device_config(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    path = force_path or ("dense" if (x.dtype == torch.float32 or m >= cfg["dequant_min_m"]) else "lut")
+    if path == "dense":
+        w = dequantize_kernel_layout(qweight, scales, tables, bits, group_size, k)
+        return torch.nn.functional.linear(x, w)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if x.data_ptr() % 16:
+        x = x.clone()
+    dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    mt = m_tiles or m_tiles_for(m)
+    resident = _ctas_per_sm(bits, mt, str(x.dtype).split(".")[-1], dev_index)
+    pl = plan(m, n, k, cfg, mt, splits, resident)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if pl["splits"] > 1:
+        ws = torch.empty(pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, dtype=torch.float32, device=x.device)
+        counters = _counters_for(x.device)
+    else:
+        ws = torch.empty(0, dtype=torch.float32, device=x.device)
+        counters = torch.empty(0, dtype=torch.int32, device=x.device)
+    _ext().gemm(x, qweight, scales, tables, out, ws, counters, bits, group_size,
+                pl["splits"], pl["chunks_per_split"], pl["m_tiles"])
+    return out
+
+
+@lut_gemm.register_kernel("cuda")
+def _lut_gemm_cuda(x, qweight, scales, tables, shard_ends, bits, group_size):
+    check_cuda_args(x, qweight, scales, tables, shard_ends, bits, group_size)
+    return gemm(x, qweight, scales, tables, bits, group_size)
+
+
+__all__ = ["prepare", "gemm", "plan", "device_config", "check_cuda_args", "dequantize_kernel_layout", "m_tiles_for"]

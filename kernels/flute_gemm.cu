@@ -1,0 +1,620 @@
+// flute_vllm LUT-GEMM kernels (torch-free). See flute_kernel.h for the contract and
+// kernels/NOTES.md for the design.
+//
+// One kernel family: lut_gemm_kernel<BITS, MT, NT, T>
+//   BITS  index width (2, 3, 4)
+//   MT    8-row activation tiles per CTA (1, 2, 4, 8): the mma N dimension
+//   NT    16-row weight tiles per warp (1 or 2): reuse of activation fragments
+//   T     activation type (half / bf16)
+// runtime: M, N, K, group size, split-K.
+//
+// Each warp computes Y^T tiles with mma.sync.m16n8k16: A = dequantized weights (16 rows x 16 k,
+// built in registers from the packed indices by byte-permute table lookups: the 16-entry table's
+// low and high bytes live in 8 registers), B = activations (loaded straight from global/L1 in the
+// fragment order; the kernel layout permutes K inside each 64-chunk so that a lane's activation
+// fragments are 16 contiguous bytes), C = fp32. Group scales are applied once per group to a
+// per-group partial accumulator (acc += s * partial), not per weight element.
+#include "flute_kernel.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace flute {
+namespace {
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// Streaming 16/8/4-byte loads that do not pollute L1 (weights are read once).
+__device__ __forceinline__ uint4 ld_stream_v4(const uint32_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_stream_v2(const uint32_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_stream_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async8_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async4_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+template <typename T> struct TypeOps;
+template <> struct TypeOps<half> {
+  static __device__ __forceinline__ float to_float(half v) { return __half2float(v); }
+  static __device__ __forceinline__ half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct TypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct TypeOps<float> {
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
+};
+
+// Packed indices of one lane for one 64-wide K chunk (4 mma k-steps, 8 indices per step).
+template <int BITS> struct Frag { uint32_t w[BITS]; };
+
+// Shifts that place the msb plane of 3-bit indices at bit 2 of each selector nibble, for
+// (step, half) = q in 0..7; negative means shift left.
+__device__ __forceinline__ uint32_t msb_nibbles(uint32_t w2, int q) {
+  switch (q) {
+    case 0: return (w2 << 2) & 0x4444u;
+    case 1: return (w2 << 1) & 0x4444u;
+    case 2: return w2 & 0x4444u;
+    case 3: return (w2 >> 1) & 0x4444u;
+    case 4: return (w2 >> 14) & 0x4444u;
+    case 5: return (w2 >> 15) & 0x4444u;
+    case 6: return (w2 >> 16) & 0x4444u;
+    default: return (w2 >> 17) & 0x4444u;
+  }
+}
+
+// Chunk layout per (tile, chunk): 32 * BITS words.
+//   4-bit: lane L owns words [4L, 4L+4): word s = step s, nibble i = element i.
+//   2-bit: lane L owns words [2L, 2L+2): word j = steps 2j (bits 0-15) and 2j+1 (bits 16-31);
+//          in a 16-bit half, element i < 4 at bits 4i..4i+1, element i >= 4 at 4(i-4)+2.
+//   3-bit: words [2L, 2L+2) hold the low 2 bits like 2-bit; word 64 + L holds the msbs.
+// Element i of a step: row g + 8*((i>>1)&1), mma k = 2t + (i&1) + 8*(i>>2): a[r] = (e_{2r}, e_{2r+1}).
+template <int BITS>
+__device__ __forceinline__ void load_frag(Frag<BITS>& f, const uint32_t* chunk, int lane) {
+  if constexpr (BITS == 4) {
+    uint4 v = ld_stream_v4(chunk + 4 * lane);
+    f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
+  } else if constexpr (BITS == 2) {
+    uint2 v = ld_stream_v2(chunk + 2 * lane);
+    f.w[0] = v.x; f.w[1] = v.y;
+  } else {
+    uint2 v = ld_stream_v2(chunk + 2 * lane);
+    f.w[0] = v.x; f.w[1] = v.y;
+    f.w[2] = ld_stream_u32(chunk + 64 + lane);
+  }
+}
+
+struct ByteTable { uint32_t lo[4], hi[4]; };
+
+__device__ __forceinline__ void interleave(uint32_t lo, uint32_t hi, uint32_t& a0, uint32_t& a1) {
+  a0 = prmt(lo, hi, 0x5140);
+  a1 = prmt(lo, hi, 0x7362);
+}
+
+// Dequantize (without scale) the 16x16 A fragment of k-step S: a[0..3] as 16-bit pairs.
+template <int BITS, int S>
+__device__ __forceinline__ void decode(const Frag<BITS>& f, const ByteTable& tb, uint32_t a[4]) {
+  if constexpr (BITS == 4) {
+    const uint32_t w = f.w[S];
+    const uint32_t c = w & 0x77777777u;
+    const uint32_t ch = c >> 16;
+    const uint32_t sh = w << 4;
+    {
+      const uint32_t m = prmt(sh, w, 0xD9C8);  // 0xFF per byte where the index's msb is set
+      const uint32_t la = prmt(tb.lo[0], tb.lo[1], c), lb = prmt(tb.lo[2], tb.lo[3], c);
+      const uint32_t ha = prmt(tb.hi[0], tb.hi[1], c), hb = prmt(tb.hi[2], tb.hi[3], c);
+      interleave((la & ~m) | (lb & m), (ha & ~m) | (hb & m), a[0], a[1]);
+    }
+    {
+      const uint32_t m = prmt(sh, w, 0xFBEA);
+      const uint32_t la = prmt(tb.lo[0], tb.lo[1], ch), lb = prmt(tb.lo[2], tb.lo[3], ch);
+      const uint32_t ha = prmt(tb.hi[0], tb.hi[1], ch), hb = prmt(tb.hi[2], tb.hi[3], ch);
+      interleave((la & ~m) | (lb & m), (ha & ~m) | (hb & m), a[2], a[3]);
+    }
+  } else {
+    const uint32_t wl = f.w[S >> 1] >> (16 * (S & 1));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t c = (wl >> (2 * h)) & 0x3333u;
+      uint32_t lo, hi;
+      if constexpr (BITS == 3) {
+        c |= msb_nibbles(f.w[2], 2 * S + h);
+        lo = prmt(tb.lo[0], tb.lo[1], c);
+        hi = prmt(tb.hi[0], tb.hi[1], c);
+      } else {
+        lo = prmt(tb.lo[0], tb.lo[0], c);
+        hi = prmt(tb.hi[0], tb.hi[0], c);
+      }
+      interleave(lo, hi, a[2 * h], a[2 * h + 1]);
+    }
+  }
+}
+
+// Index of element i (0..7) of k-step s from a lane's fragment (used by the dequant kernel).
+template <int BITS>
+__device__ __forceinline__ int frag_index(const Frag<BITS>& f, int s, int i) {
+  if constexpr (BITS == 4) {
+    return (f.w[s] >> (4 * i)) & 15;
+  } else {
+    const uint32_t wl = f.w[s >> 1] >> (16 * (s & 1));
+    const int pos = (i < 4) ? 4 * i : 4 * (i - 4) + 2;
+    int v = (wl >> pos) & 3;
+    if constexpr (BITS == 3) v |= ((msb_nibbles(f.w[2], 2 * s + (i >> 2)) >> (4 * (i & 3) + 2)) & 1) << 2;
+    return v;
+  }
+}
+
+template <int BITS, int MT, int NT, typename T>
+__global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
+  using Ops = TypeOps<T>;
+  constexpr int STAGES = (MT >= 4) ? 4 : 8;  // chunks in flight per warp (power of two)
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int ntiles = p.N >> 4;
+  const int nch = (p.K + 63) >> 6;
+  const int ngroups = p.K / p.group_size;
+  const bool g32 = p.group_size == 32;
+  const bool half_last = (p.K & 63) != 0;
+  const int warp_tile0 = (blockIdx.x * kWarpsPerCta + warp) * NT;
+  const bool warp_active = warp_tile0 < ntiles;
+  const int split = blockIdx.y;
+  const int m0 = blockIdx.z * (8 * MT);
+  const int cb = split * p.chunks_per_split;
+  const int ce = min(nch, cb + p.chunks_per_split);
+
+  int tile[NT];
+  bool tile_ok[NT];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    tile_ok[nt] = warp_tile0 + nt < ntiles;
+    tile[nt] = min(warp_tile0 + nt, ntiles - 1);
+  }
+
+  float acc[NT][MT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[nt][mt][j] = 0.f;
+
+  // Per-warp cp.async ring: STAGES chunks of packed weights (+ their group scales) in flight.
+  __shared__ __align__(16) uint32_t s_w[kWarpsPerCta][STAGES][NT][32 * BITS];
+  __shared__ __align__(16) T s_sc[kWarpsPerCta][STAGES][NT][2][16];
+
+  if (warp_active && cb < ce) {
+    ByteTable tb[NT];
+    const T* scales = reinterpret_cast<const T*>(p.scales);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tile[nt] * kTableWords);
+      const uint4 l = __ldg(tp), h = __ldg(tp + 1);
+      tb[nt].lo[0] = l.x; tb[nt].lo[1] = l.y; tb[nt].lo[2] = l.z; tb[nt].lo[3] = l.w;
+      tb[nt].hi[0] = h.x; tb[nt].hi[1] = h.y; tb[nt].hi[2] = h.z; tb[nt].hi[3] = h.w;
+    }
+    const T* x = reinterpret_cast<const T*>(p.x);
+    const T* xrow[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xrow[mt] = x + (size_t)min(m0 + 8 * mt + g, p.M - 1) * p.K + 8 * t;
+
+    const uint32_t* wtile[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) wtile[nt] = p.qweight + (size_t)tile[nt] * nch * (32 * BITS);
+
+    // Group bookkeeping. A 64-wide chunk lies in one group unless G == 32 (then steps 0-1 are
+    // group 2c and steps 2-3 group 2c+1). G is a power of two or the whole (single-group) K.
+    const int cpg = g32 ? 1 : ((p.group_size & 63) ? 0x7fffffff : (p.group_size >> 6));
+    int in_group = g32 ? 0 : cb % cpg;
+    const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));  // k >> gshift = group
+
+    float part[NT][MT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) part[nt][mt][j] = 0.f;
+
+    // Running addresses: the loop body does almost no index arithmetic.
+    constexpr int CW = 32 * BITS;                                   // words per chunk per tile
+    constexpr uint32_t SLOT_W = NT * CW * 4;                        // bytes per ring slot (weights)
+    constexpr uint32_t SLOT_S = NT * 2 * 16 * sizeof(T);            // bytes per ring slot (scales)
+    const uint32_t sw_base = smem_addr(&s_w[warp][0][0][0]);
+    const uint32_t ss_base = smem_addr(&s_sc[warp][0][0][0][0]);
+    const bool sc_lane = lane < (g32 ? 16 : 8);
+    const int sc_h = lane >> 3;
+    const uint32_t ss_lane = ss_base + (uint32_t)(sc_h * 16 * sizeof(T) + 4 * (lane & 7));
+    const T* sc_src[NT];
+    const uint32_t* wsrc[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      sc_src[nt] = scales + (size_t)tile[nt] * ngroups * 16 + 2 * (lane & 7);
+      wsrc[nt] = wtile[nt] + (BITS == 4 ? 4 * lane : 2 * lane);
+    }
+    const int last_half = half_last ? nch - 1 : 0x7fffffff;
+
+    auto issue = [&](int cc, uint32_t slot) {
+      const uint32_t wdst = sw_base + slot * SLOT_W;
+      const uint32_t sdst = ss_lane + slot * SLOT_S;
+      const int grp = min(((cc << 6) + 32 * sc_h) >> gshift, ngroups - 1);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t* src = wsrc[nt] + (size_t)cc * CW;
+        if constexpr (BITS == 4) {
+          cp_async16_s(wdst + nt * CW * 4 + 16 * lane, src);
+        } else {
+          cp_async8_s(wdst + nt * CW * 4 + 8 * lane, src);
+          if constexpr (BITS == 3) cp_async4_s(wdst + nt * CW * 4 + 256 + 4 * lane, src + 64 - lane);
+        }
+        if (sc_lane) cp_async4_s(sdst + nt * 2 * 16 * sizeof(T), sc_src[nt] + grp * 16);
+      }
+    };
+    auto flush = [&](uint32_t slot, int h) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float s0 = Ops::to_float(s_sc[warp][slot][nt][h][g]);
+        const float s1 = Ops::to_float(s_sc[warp][slot][nt][h][g + 8]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          acc[nt][mt][0] = fmaf(s0, part[nt][mt][0], acc[nt][mt][0]);
+          acc[nt][mt][1] = fmaf(s0, part[nt][mt][1], acc[nt][mt][1]);
+          acc[nt][mt][2] = fmaf(s1, part[nt][mt][2], acc[nt][mt][2]);
+          acc[nt][mt][3] = fmaf(s1, part[nt][mt][3], acc[nt][mt][3]);
+          part[nt][mt][0] = part[nt][mt][1] = part[nt][mt][2] = part[nt][mt][3] = 0.f;
+        }
+      }
+    };
+
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+      if (cb + st < ce) issue(cb + st, st);
+      cp_async_commit();
+    }
+    const T* xr[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
+
+    uint32_t slot = 0;
+#pragma unroll 2
+    for (int cc = cb; cc < ce; ++cc) {
+      cp_async_wait<STAGES - 2>();  // chunk cc has landed (this lane's copies)
+      __syncwarp();                  // ... and every lane's; everyone is done with the previous slot
+      if (cc + STAGES - 1 < ce) issue(cc + STAGES - 1, (slot + STAGES - 1) & (STAGES - 1));
+      cp_async_commit();
+
+      Frag<BITS> f[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const uint32_t* sw = s_w[warp][slot][nt];
+        if constexpr (BITS == 4) {
+          const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
+          f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
+        } else {
+          const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
+          f[nt].w[0] = v.x; f[nt].w[1] = v.y;
+          if constexpr (BITS == 3) f[nt].w[2] = sw[64 + lane];
+        }
+      }
+      const bool only_half = cc == last_half;
+      uint4 xa[MT], xb[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        xa[mt] = __ldg(reinterpret_cast<const uint4*>(xr[mt]));
+        xb[mt] = only_half ? make_uint4(0, 0, 0, 0) : __ldg(reinterpret_cast<const uint4*>(xr[mt] + 32));
+        xr[mt] += 64;
+      }
+#define FLUTE_STEP(S)                                                                           \
+  {                                                                                             \
+    _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
+      uint32_t a[4];                                                                            \
+      decode<BITS, S>(f[nt], tb[nt], a);                                                        \
+      _Pragma("unroll") for (int mt = 0; mt < MT; ++mt) {                                       \
+        const uint4& xv = (S < 2) ? xa[mt] : xb[mt];                                            \
+        const uint32_t b0 = (S & 1) ? xv.z : xv.x;                                              \
+        const uint32_t b1 = (S & 1) ? xv.w : xv.y;                                              \
+        Ops::mma(part[nt][mt], a, b0, b1);                                                      \
+      }                                                                                         \
+    }                                                                                           \
+  }
+      FLUTE_STEP(0)
+      FLUTE_STEP(1)
+      if (g32) flush(slot, 0);
+      if (!only_half) {
+        FLUTE_STEP(2)
+        FLUTE_STEP(3)
+        if (g32) flush(slot, 1);
+      }
+#undef FLUTE_STEP
+      if (!g32) {
+        if (++in_group == cpg || cc == ce - 1) {
+          flush(slot, 0);
+          in_group = 0;
+        }
+      }
+      slot = (slot + 1) & (STAGES - 1);
+    }
+    cp_async_wait<0>();
+  }
+
+  // Epilogue. C fragment: acc[j] is (row n = tile*16 + g + 8*(j>>1), act row m = 2t + (j&1)).
+  T* out = reinterpret_cast<T*>(p.out);
+  if (p.splits == 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      if (!tile_ok[nt]) continue;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int m = m0 + 8 * mt + 2 * t + (j & 1);
+          const int n = tile[nt] * 16 + g + 8 * (j >> 1);
+          if (m < p.M) out[(size_t)m * p.N + n] = Ops::from_float(acc[nt][mt][j]);
+        }
+    }
+    return;
+  }
+
+  // Split-K: write fp32 partials, the last CTA of this (x, z) sums them in split order.
+  const size_t mrows = 8 * MT;
+  float* ws_z = p.workspace + (size_t)blockIdx.z * p.splits * mrows * p.N;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if (!tile_ok[nt]) continue;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int ml = 8 * mt + 2 * t + (j & 1);
+        const int n = tile[nt] * 16 + g + 8 * (j >> 1);
+        if (m0 + ml < p.M) ws_z[((size_t)split * mrows + ml) * p.N + n] = acc[nt][mt][j];
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int s_last;
+  int* counter = p.counters + blockIdx.z * gridDim.x + blockIdx.x;
+  if (threadIdx.x == 0) s_last = (atomicAdd(counter, 1) == p.splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  {
+    // Sum the partials of this CTA's rows [n0, n0 + rows) x act rows [m0, m0 + 8*MT) in split
+    // order (deterministic), 4 consecutive n per thread, many independent loads in flight.
+    const int rows = 16 * NT * kWarpsPerCta;
+    const int n0 = blockIdx.x * rows;
+    const int nvalid = min(rows, p.N - n0);
+    const int mvalid = min((int)mrows, p.M - m0);
+    const int units = mvalid * (nvalid >> 2);
+    for (int u = threadIdx.x; u < units; u += blockDim.x) {
+      const int ml = u / (nvalid >> 2);
+      const int n = n0 + 4 * (u % (nvalid >> 2));
+      const float* src = ws_z + (size_t)ml * p.N + n;
+      const size_t stride = mrows * p.N;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+      int sp = 0;
+      for (; sp + 4 <= p.splits; sp += 4) {
+        float4 a0 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 0) * stride));
+        float4 a1 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 1) * stride));
+        float4 a2 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 2) * stride));
+        float4 a3 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 3) * stride));
+        v.x += a0.x; v.y += a0.y; v.z += a0.z; v.w += a0.w;
+        v.x += a1.x; v.y += a1.y; v.z += a1.z; v.w += a1.w;
+        v.x += a2.x; v.y += a2.y; v.z += a2.z; v.w += a2.w;
+        v.x += a3.x; v.y += a3.y; v.z += a3.z; v.w += a3.w;
+      }
+      for (; sp < p.splits; ++sp) {
+        float4 a0 = __ldcg(reinterpret_cast<const float4*>(src + sp * stride));
+        v.x += a0.x; v.y += a0.y; v.z += a0.z; v.w += a0.w;
+      }
+      T* o = out + (size_t)(m0 + ml) * p.N + n;
+      o[0] = Ops::from_float(v.x);
+      o[1] = Ops::from_float(v.y);
+      o[2] = Ops::from_float(v.z);
+      o[3] = Ops::from_float(v.w);
+    }
+  }
+  if (threadIdx.x == 0) *counter = 0;
+}
+
+// Dequantize the kernel layout to a dense [N, K] matrix (float math, one rounding).
+// One warp per (tile, chunk); a lane writes 8 consecutive k of rows g and g+8 per chunk half.
+template <int BITS, typename TOut, typename TS>
+__global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int nch = (p.K + 63) >> 6;
+  const long long item = (long long)blockIdx.x * kWarpsPerCta + warp;
+  const int ntiles = p.N >> 4;
+  __shared__ float tab[kWarpsPerCta][16];
+  const bool active = item < (long long)ntiles * nch;
+  const int tile = active ? (int)(item / nch) : 0, c = active ? (int)(item % nch) : 0;
+  if (lane < 16) tab[warp][lane] = __int_as_float(p.tables[(size_t)tile * kTableWords + 8 + lane]);
+  __syncwarp();
+  if (!active) return;
+  const int ngroups = p.K / p.group_size;
+  const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
+  Frag<BITS> f;
+  load_frag<BITS>(f, p.qweight + ((size_t)tile * nch + c) * (32 * BITS), lane);
+  const TS* scales = reinterpret_cast<const TS*>(p.scales);
+  TOut* out = reinterpret_cast<TOut*>(p.out);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int k = c * 64 + 32 * hh + 8 * t;
+    if (k >= p.K) continue;
+    const int grp = min((c * 64 + 32 * hh) >> gshift, ngroups - 1);
+#pragma unroll
+    for (int h8 = 0; h8 < 2; ++h8) {
+      const int n = tile * 16 + g + 8 * h8;
+      const float sc = TypeOps<TS>::to_float(scales[((size_t)tile * ngroups + grp) * 16 + g + 8 * h8]);
+      alignas(16) TOut v[8];
+#pragma unroll
+      for (int sl = 0; sl < 2; ++sl)
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const int i = 4 * (kk >> 1) + 2 * h8 + (kk & 1);
+          v[4 * sl + kk] = TypeOps<TOut>::from_float(tab[warp][frag_index<BITS>(f, 2 * hh + sl, i)] * sc);
+        }
+      TOut* dst = out + (size_t)n * p.K + k;
+      if constexpr (sizeof(TOut) == 2) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(v);
+      } else {
+        reinterpret_cast<uint4*>(dst)[0] = reinterpret_cast<const uint4*>(v)[0];
+        reinterpret_cast<uint4*>(dst)[1] = reinterpret_cast<const uint4*>(v)[1];
+      }
+    }
+  }
+}
+
+template <int BITS, int MT, typename T>
+int occupancy_t() {
+  constexpr int NT = MT == 4 ? 2 : 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, T>, 128, 0) != cudaSuccess) return 0;
+  return n;
+}
+
+template <int BITS, typename T>
+int occupancy_mt(int mt) {
+  switch (mt) {
+    case 1: return occupancy_t<BITS, 1, T>();
+    case 2: return occupancy_t<BITS, 2, T>();
+    case 4: return occupancy_t<BITS, 4, T>();
+    case 8: return occupancy_t<BITS, 8, T>();
+    default: return 0;
+  }
+}
+
+template <typename T>
+int occupancy_bits(int bits, int mt) {
+  switch (bits) {
+    case 2: return occupancy_mt<2, T>(mt);
+    case 3: return occupancy_mt<3, T>(mt);
+    case 4: return occupancy_mt<4, T>(mt);
+    default: return 0;
+  }
+}
+
+template <int BITS, int MT, typename T>
+cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
+  constexpr int NT = MT == 4 ? 2 : 1;  // == gemm_n_tiles_per_warp(MT)
+  dim3 grid(gemm_grid_x(p.N, MT), p.splits, gemm_m_chunks(p.M, MT));
+  lut_gemm_kernel<BITS, MT, NT, T><<<grid, 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int BITS, typename T>
+cudaError_t launch_gemm_mt(const GemmParams& p, cudaStream_t stream) {
+  switch (p.m_tiles) {
+    case 1: return launch_gemm_t<BITS, 1, T>(p, stream);
+    case 2: return launch_gemm_t<BITS, 2, T>(p, stream);
+    case 4: return launch_gemm_t<BITS, 4, T>(p, stream);
+    case 8: return launch_gemm_t<BITS, 8, T>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_gemm_bits(const GemmParams& p, cudaStream_t stream) {
+  switch (p.bits) {
+    case 2: return launch_gemm_mt<2, T>(p, stream);
+    case 3: return launch_gemm_mt<3, T>(p, stream);
+    case 4: return launch_gemm_mt<4, T>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <int BITS, typename TOut>
+cudaError_t launch_dequant_t(const DequantParams& p, cudaStream_t stream) {
+  const long long items = (long long)(p.N / 16) * ((p.K + 63) / 64);
+  const unsigned blocks = (unsigned)((items + kWarpsPerCta - 1) / kWarpsPerCta);
+  dequant_kernel<BITS, TOut, TOut><<<blocks, 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename TOut>
+cudaError_t launch_dequant_bits(const DequantParams& p, cudaStream_t stream) {
+  switch (p.bits) {
+    case 2: return launch_dequant_t<2, TOut>(p, stream);
+    case 3: return launch_dequant_t<3, TOut>(p, stream);
+    case 4: return launch_dequant_t<4, TOut>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
+  if (p.M <= 0 || p.N <= 0) return cudaSuccess;
+  if (p.N % 16 || p.K % 32 || p.splits < 1 || p.chunks_per_split < 1) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kF16: return launch_gemm_bits<half>(p, stream);
+    case DType::kBF16: return launch_gemm_bits<__nv_bfloat16>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype) {
+  switch (dtype) {
+    case DType::kF16: return occupancy_bits<half>(bits, m_tiles);
+    case DType::kBF16: return occupancy_bits<__nv_bfloat16>(bits, m_tiles);
+    default: return 0;
+  }
+}
+
+cudaError_t launch_dequant(const DequantParams& p, cudaStream_t stream) {
+  if (p.N <= 0 || p.K <= 0) return cudaSuccess;
+  if (p.N % 16 || p.K % 32) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kF16: return launch_dequant_bits<half>(p, stream);
+    case DType::kBF16: return launch_dequant_bits<__nv_bfloat16>(p, stream);
+    case DType::kF32: return launch_dequant_bits<float>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace flute

@@ -1,0 +1,99 @@
+// Thin torch binding of the torch-free launch API (flute_kernel.h). All argument validation with
+// readable messages happens in flute_vllm/cuda_op.py before these are called; the checks here only
+// guard memory safety. Launches go to the current CUDA stream: capture-safe, no allocation, no sync.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "flute_kernel.h"
+
+namespace {
+
+flute::DType dtype_of(const torch::Tensor& t) {
+  switch (t.scalar_type()) {
+    case torch::kFloat16: return flute::DType::kF16;
+    case torch::kBFloat16: return flute::DType::kBF16;
+    case torch::kFloat32: return flute::DType::kF32;
+    default: TORCH_CHECK(false, "flute: unsupported dtype ", t.scalar_type());
+  }
+}
+
+void check_cuda(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "flute: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.is_contiguous(), "flute: ", name, " must be contiguous");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "flute: ", name, " must be 16-byte aligned");
+}
+
+// out[M, N] = x @ W^T; workspace fp32 (may be empty when splits == 1), counters int32.
+void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+          const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
+          int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles) {
+  check_cuda(x, "x");
+  check_cuda(qweight, "qweight");
+  check_cuda(scales, "scales");
+  check_cuda(tables, "tables");
+  check_cuda(out, "out");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  TORCH_CHECK(out.size(0) == M, "flute: out rows");
+  TORCH_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "flute: qweight size");
+  TORCH_CHECK(scales.numel() == N * (K / group_size), "flute: scales size");
+  TORCH_CHECK(tables.numel() == (N / 16) * flute::kTableWords, "flute: tables size");
+  const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
+  if (splits > 1) {
+    check_cuda(workspace, "workspace");
+    check_cuda(counters, "counters");
+    TORCH_CHECK(workspace.numel() >= m_chunks * splits * 8 * m_tiles * N, "flute: workspace too small");
+    TORCH_CHECK(counters.numel() >= m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles), "flute: counters too small");
+  }
+  const at::cuda::CUDAGuard guard(x.device());
+  flute::GemmParams p{};
+  p.x = x.data_ptr();
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
+  p.scales = scales.data_ptr();
+  p.tables = reinterpret_cast<const uint32_t*>(tables.data_ptr());
+  p.out = out.data_ptr();
+  p.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
+  p.counters = splits > 1 ? counters.data_ptr<int>() : nullptr;
+  p.M = (int)M; p.N = (int)N; p.K = (int)K;
+  p.bits = (int)bits; p.group_size = (int)group_size;
+  p.splits = (int)splits; p.chunks_per_split = (int)chunks_per_split; p.m_tiles = (int)m_tiles;
+  p.dtype = dtype_of(x);
+  const cudaError_t err = flute::launch_gemm(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "flute: gemm launch failed: ", cudaGetErrorString(err));
+}
+
+// out[N, K] = dequantized weight in out's dtype.
+void dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& tables,
+             torch::Tensor& out, int64_t bits, int64_t group_size) {
+  check_cuda(qweight, "qweight");
+  check_cuda(scales, "scales");
+  check_cuda(tables, "tables");
+  check_cuda(out, "out");
+  const int64_t N = out.size(0), K = out.size(1);
+  TORCH_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "flute: qweight size");
+  TORCH_CHECK(scales.numel() == N * (K / group_size), "flute: scales size");
+  TORCH_CHECK(scales.scalar_type() == out.scalar_type(), "flute: scales dtype must match out");
+  const at::cuda::CUDAGuard guard(out.device());
+  flute::DequantParams p{};
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
+  p.scales = scales.data_ptr();
+  p.tables = reinterpret_cast<const uint32_t*>(tables.data_ptr());
+  p.out = out.data_ptr();
+  p.N = (int)N; p.K = (int)K; p.bits = (int)bits; p.group_size = (int)group_size;
+  p.dtype = dtype_of(out);
+  const cudaError_t err = flute::launch_dequant(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "flute: dequant launch failed: ", cudaGetErrorString(err));
+}
+
+int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype) {
+  const flute::DType dt = dtype == "bfloat16" ? flute::DType::kBF16 : flute::DType::kF16;
+  return flute::gemm_ctas_per_sm((int)bits, (int)m_tiles, dt);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemm", &gemm, "flute LUT-GEMM (kernel layout)");
+  m.def("dequant", &dequant, "flute dequantize (kernel layout) to dense");
+  m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype)");
+}

@@ -1,0 +1,312 @@
+"""Tests of the CUDA LUT-GEMM (flute_vllm.cuda_op + kernels/).
+
+GPU tests skip cleanly without CUDA. The CPU tests check the kernel layout itself: a Python
+emulation of the kernel's byte-permute decode must reproduce ``table[q]`` from what ``prepare``
+packs, so a layout bug shows on CI even without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from flute_vllm import cuda_op, ops
+from flute_vllm.quantize import pack
+from flute_vllm.tables import make_table
+
+HAS_CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible)")
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: layout emulation and pure-Python validation
+
+
+def _prmt(a, b, sel):
+    src = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    out = 0
+    for j in range(4):
+        nib = (sel >> (4 * j)) & 0xF
+        byte = src[nib & 7]
+        if nib & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * j)
+    return out
+
+
+def _decode(bits, f, s, lo_t, hi_t):
+    """Python copy of kernels/flute_gemm.cu decode<BITS, S>."""
+    a = [0] * 4
+    if bits == 4:
+        w = f[s]
+        c = w & 0x77777777
+        sh = (w << 4) & 0xFFFFFFFF
+        for half, (cc, msel) in enumerate(((c, 0xD9C8), (c >> 16, 0xFBEA))):
+            m = _prmt(sh, w, msel)
+            la, lb = _prmt(lo_t[0], lo_t[1], cc), _prmt(lo_t[2], lo_t[3], cc)
+            ha, hb = _prmt(hi_t[0], hi_t[1], cc), _prmt(hi_t[2], hi_t[3], cc)
+            lo = ((la & ~m) | (lb & m)) & 0xFFFFFFFF
+            hi = ((ha & ~m) | (hb & m)) & 0xFFFFFFFF
+            a[2 * half], a[2 * half + 1] = _prmt(lo, hi, 0x5140), _prmt(lo, hi, 0x7362)
+    else:
+        wl = f[s >> 1] >> (16 * (s & 1))
+        for h in range(2):
+            c = (wl >> (2 * h)) & 0x3333
+            if bits == 3:
+                shift = cuda_op._MSB_SHIFT[2 * s + h]
+                c |= ((f[2] << -shift) if shift < 0 else (f[2] >> shift)) & 0x4444
+                lo, hi = _prmt(lo_t[0], lo_t[1], c), _prmt(hi_t[0], hi_t[1], c)
+            else:
+                lo, hi = _prmt(lo_t[0], lo_t[0], c), _prmt(hi_t[0], hi_t[0], c)
+            a[2 * h], a[2 * h + 1] = _prmt(lo, hi, 0x5140), _prmt(lo, hi, 0x7362)
+    return a
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_kernel_layout_decodes_to_table_values(bits, dtype):
+    g = torch.Generator().manual_seed(bits)
+    n, k = 32, 96  # K % 64 == 32 exercises the padded half chunk
+    q = torch.randint(0, 2**bits, (n, k), generator=g)
+    table = torch.randn(2**bits, generator=g)
+    kp = cuda_op._padded_k(k)
+    words = cuda_op._pack_kernel_layout(torch.nn.functional.pad(q, (0, kp - k)), bits)
+    tw = [v & 0xFFFFFFFF for v in cuda_op._table_words(table.unsqueeze(0), dtype, bits)[0].tolist()]
+    w = torch.full((n, kp), -1, dtype=torch.int32)
+    for tile in range(n // 16):
+        for c in range(kp // 64):
+            cw = [v & 0xFFFFFFFF for v in words[tile, c].tolist()]
+            for lane in range(32):
+                gg, t = lane >> 2, lane & 3
+                if bits == 4:
+                    f = cw[4 * lane : 4 * lane + 4]
+                else:
+                    f = cw[2 * lane : 2 * lane + 2] + ([cw[64 + lane]] if bits == 3 else [])
+                for s in range(4):
+                    a = _decode(bits, f, s, tw[0:4], tw[4:8])
+                    for i in range(8):
+                        row = 16 * tile + gg + 8 * ((i >> 1) & 1)
+                        kk = 2 * (i >> 2) + (i & 1)
+                        col = 64 * c + 32 * (s >> 1) + 8 * t + 4 * (s & 1) + kk
+                        w[row, col] = (a[i >> 1] >> (16 * (i & 1))) & 0xFFFF
+    got = w[:, :k].to(torch.int16).view(dtype).float()
+    assert torch.equal(got, table.to(dtype).float()[q])
+    assert (w[:, k:] >= 0).all()  # the pad is written too (index 0)
+
+
+def test_layout_validation_messages_cpu():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cuda_op._check_layout_args(24, 64, 4, 32, [24])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cuda_op._check_layout_args(32, 48, 4, 48, [32])
+    with pytest.raises(ValueError, match="group_size"):
+        cuda_op._check_layout_args(32, 192, 4, 96, [32])
+    with pytest.raises(ValueError, match="shard"):
+        cuda_op._check_layout_args(64, 64, 4, 64, [24, 64])
+    cuda_op._check_layout_args(64, 576, 3, 576, [32, 64])  # channel-wise, K % 64 == 32 is fine
+
+
+def test_build_arch_parsing_cpu():
+    from flute_vllm import _build
+
+    assert _build.parse_archs("80, 86,8.9,90a") == ["80", "86", "89", "90a"]
+    with pytest.raises(ValueError):
+        _build.parse_archs("sm_xx")
+    assert len(_build.source_digest()) == 12
+
+
+# ------------------------------------------------------------------------------------------
+# GPU
+
+
+def _make_layer(n_parts, k, bits, g, dtype, kinds, device, gen):
+    qs, ss, ts = [], [], []
+    for i, n in enumerate(n_parts):
+        kind = kinds[i % len(kinds)]
+        table = torch.randn(2**bits, generator=gen) if kind == "random" else make_table(kind, bits)
+        q = torch.randint(0, 2**bits, (n, k), generator=gen)
+        s = (torch.rand(n, k // g, generator=gen) * 0.04 + 0.01) * torch.where(
+            torch.rand(n, k // g, generator=gen) < 0.1, -1.0, 1.0)
+        qs.append(q), ss.append(s), ts.append(table)
+    q = torch.cat(qs)
+    qweight = pack(q, bits).to(device)
+    scales = torch.cat(ss).to(dtype).to(device)
+    tables = torch.stack(ts).to(device)
+    ends = torch.tensor(n_parts).cumsum(0).tolist()
+    return qweight, scales, tables, ends
+
+
+def _reference(x, qweight, scales, tables, ends, bits, g):
+    w = ops.dequantize_sharded(qweight, scales, tables, ends, bits, g)
+    return x.float() @ w.T
+
+
+def _tol(dtype):
+    return {torch.float16: 3e-3, torch.bfloat16: 2e-2, torch.float32: 1e-4}[dtype]
+
+
+def _rel_err(out, ref):
+    return ((out.float() - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+
+
+REAL_SHAPES = [  # (N parts, K): Llama-3 TP slices, SmolLM2 (K = 576), small fused layers
+    ([3072, 512, 512], 4096), ([2048], 4096), ([1024, 1024], 4096), ([4096], 7168), ([2048], 3584),
+    ([576, 192, 192], 576), ([1536, 1536], 576), ([576], 1536), ([5120, 1024, 1024], 1024),
+]
+
+
+def _random_case(rng: random.Random):
+    if rng.random() < 0.15:
+        parts, k = rng.choice(REAL_SHAPES)
+        parts = list(parts)
+    else:
+        k = 32 * rng.randint(1, 96)
+        parts = [16 * rng.randint(1, 40) for _ in range(rng.choice([1, 1, 2, 3]))]
+    n, nk = sum(parts), sum(parts) * k
+    gs = [g for g in (32, 64, 128, 256) if k % g == 0] + [k]
+    g = rng.choice(gs)
+    r = rng.random()
+    if r < 0.55:
+        m = rng.randint(1, 16)
+    elif r < 0.8:
+        m = rng.randint(17, 96)
+    elif r < 0.95 or nk > 4_000_000:
+        m = rng.randint(97, 600)
+    else:
+        m = rng.choice([1024, 2047, 4096])
+    if nk > 8_000_000:
+        m = min(m, 300)
+    bits = rng.choice([2, 3, 4])
+    dtype = rng.choice([torch.float16, torch.bfloat16])
+    kinds = [rng.choice(["nf", "int", "fp", "random"]) for _ in parts]
+    path = rng.choices(["op", "lut", "lut_split", "dense"], weights=[6, 2, 2, 1])[0]
+    return dict(parts=parts, k=k, g=g, m=m, bits=bits, dtype=dtype, kinds=kinds, path=path)
+
+
+@needs_cuda
+def test_randomized_sweep():
+    """>= 2000 random cases: shapes, M (odd too), bits, G, dtypes, tables, shards, paths, splits."""
+    rng = random.Random(1234)
+    gen = torch.Generator().manual_seed(1234)
+    dev = torch.device("cuda")
+    n_cases = int(__import__("os").environ.get("FLUTE_SWEEP_CASES", "2000"))
+    failures = []
+    worst = {}
+    for idx in range(n_cases):
+        c = _random_case(rng)
+        qweight, scales, tables, ends = _make_layer(c["parts"], c["k"], c["bits"], c["g"], c["dtype"],
+                                                    c["kinds"], dev, gen)
+        qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, c["bits"], c["g"])
+        x = torch.randn(c["m"], c["k"], device=dev).to(c["dtype"])
+        n = sum(c["parts"])
+        torch.full((c["m"] * n + 64,), float("nan"), dtype=c["dtype"], device=dev)  # poison the pool
+        if c["path"] == "op":
+            out = torch.ops.flute_vllm.lut_gemm(x, qk, sk, tk, ends, c["bits"], c["g"])
+        elif c["path"] == "dense":
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="dense")
+        else:
+            splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "lut_split" else None
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits)
+        ref = _reference(x, qweight, scales, tables, ends, c["bits"], c["g"])
+        err = _rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
+        key = (c["dtype"], c["bits"])
+        worst[key] = max(worst.get(key, 0.0), err)
+        if not (out.shape == (c["m"], n) and out.dtype == c["dtype"] and err < _tol(c["dtype"])):
+            failures.append((idx, {k: v for k, v in c.items() if k != "kinds"}, c["kinds"], err))
+    print(f"\nsweep: {n_cases} cases, {len(failures)} failures; worst rel err per (dtype, bits): "
+          + ", ".join(f"{str(k[0]).split('.')[-1]}/W{k[1]}={v:.2e}" for k, v in sorted(worst.items(), key=str)))
+    assert not failures, f"{len(failures)} of {n_cases} failed, first: {failures[:5]}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_split_k_is_deterministic(dtype, bits):
+    gen = torch.Generator().manual_seed(7)
+    qweight, scales, tables, ends = _make_layer([256, 128], 4096, bits, 128, dtype, ["nf", "random"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, bits, 128)
+    x = torch.randn(5, 4096, device="cuda").to(dtype)
+    outs = [cuda_op.gemm(x, qk, sk, tk, bits, 128, force_path="lut", splits=13) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    ref = _reference(x, qweight, scales, tables, ends, bits, 128)
+    assert _rel_err(outs[0], ref) < _tol(dtype)
+
+
+@needs_cuda
+def test_fp32_activations_use_dense_path():
+    gen = torch.Generator().manual_seed(3)
+    qweight, scales, tables, ends = _make_layer([64, 64], 256, 4, 64, torch.float32, ["nf", "fp"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, 4, 64)
+    x = torch.randn(3, 256, device="cuda")
+    out = torch.ops.flute_vllm.lut_gemm(x, qk, sk, tk, ends, 4, 64)
+    ref = _reference(x, qweight, scales, tables, ends, 4, 64)
+    assert out.dtype == torch.float32 and _rel_err(out, ref) < 1e-3  # TF32 may be on
+
+
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_torch_compile_fullgraph_and_cuda_graph(m):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    dtype, bits, g = torch.float16, 4, 128
+    qweight, scales, tables, ends = _make_layer([512, 256, 256], 1024, bits, g, dtype, ["nf", "int", "fp"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, bits, g)
+    bias = torch.randn(1024, device="cuda", dtype=dtype)
+
+    def f(x):
+        return torch.nn.functional.silu(ops.lut_linear(x, qk, sk, tk, ends, bits, g, bias=bias))
+
+    cf = torch.compile(f, fullgraph=True)
+    x = torch.randn(m, 1024, device="cuda", dtype=dtype)
+    eager = f(x)
+    torch.testing.assert_close(cf(x), eager, rtol=2e-3, atol=2e-3)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            cf(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = cf(static_x)
+    for _ in range(3):
+        x2 = torch.randn(m, 1024, device="cuda", dtype=dtype)
+        static_x.copy_(x2)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_out, f(x2), rtol=2e-3, atol=2e-3)
+        ref = _reference(x2, qweight, scales, tables, ends, bits, g) + bias.float()
+        assert _rel_err(static_out, torch.nn.functional.silu(ref)) < 5e-3
+
+
+@needs_cuda
+def test_bad_inputs_raise_value_errors():
+    gen = torch.Generator().manual_seed(5)
+    dtype = torch.float16
+    qweight, scales, tables, ends = _make_layer([64, 64], 256, 4, 64, dtype, ["nf", "int"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, 4, 64)
+    x = torch.randn(2, 256, device="cuda", dtype=dtype)
+    op = torch.ops.flute_vllm.lut_gemm
+    with pytest.raises(ValueError, match="tables"):  # canonical tables passed to the CUDA op
+        op(x, qk, sk, tables, ends, 4, 64)
+    with pytest.raises(ValueError, match="dtype"):
+        op(x.to(torch.bfloat16), qk, sk, tk, ends, 4, 64)
+    with pytest.raises(ValueError, match="K"):
+        op(torch.randn(2, 320, device="cuda", dtype=dtype), qk, sk, tk, ends, 4, 64)
+    with pytest.raises(ValueError, match="qweight"):
+        op(x, qk[:, :16], sk, tk, ends, 4, 64)
+    with pytest.raises(ValueError, match="shard"):
+        op(x, qk, sk, tk, [60, 128], 4, 64)
+    with pytest.raises(ValueError):
+        op(x, qk, sk, tk, ends, 3, 64)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cuda_op.prepare(qweight[:40], scales[:40], tables[:1], [40], 4, 64)
+    with pytest.raises(ValueError, match="shard"):
+        cuda_op.prepare(qweight, scales, tables, [72, 128], 4, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        cuda_op.prepare(qweight, scales, tables, ends, 4, 48)
+    with pytest.raises(ValueError, match="qweight"):
+        cuda_op.prepare(qweight.float(), scales, tables, ends, 4, 64)
