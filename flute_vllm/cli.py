@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from .format import SUPPORTED_GROUP_SIZES
 from .tables import SUPPORTED_BITS, TABLE_KINDS
 
-COMMANDS = ("quantize", "smollm2")
+COMMANDS = ("quantize", "eval", "smollm2", "convert")
 
 
 def _parse_table(value: str):
@@ -48,10 +48,43 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--modules-to-not-convert", nargs="*", default=None,
                    help="layer names kept dense (default: lm_head)")
     q.add_argument("--device", default=None, help="where to quantize (default: cuda if available)")
+    nfl = q.add_argument_group("NFL (learned scales)")
+    nfl.add_argument("--nfl", action="store_true", help="learn the group scales on calibration text (NF table)")
+    nfl.add_argument("--nfl-table", action="store_true", help="with --nfl: learn each layer's table too")
+    nfl.add_argument("--calibration", default=None,
+                     help="calibration text file (default: the Python docs bundled with CPython)")
+    nfl.add_argument("--samples", type=_positive, default=32, help="calibration windows")
+    nfl.add_argument("--seq-len", type=_positive, default=256, help="tokens per calibration window")
+    nfl.add_argument("--steps", type=_positive, default=50, help="optimizer steps per decoder block")
+    nfl.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the log-scales")
+
+    e = sub.add_parser("eval", help="perplexity of a dense or flute model on a text (sliding window)")
+    e.add_argument("model", help="model directory or hub id (dense or flute)")
+    e.add_argument("--text", required=True, help="text file to score")
+    e.add_argument("--max-length", type=_positive, default=1024)
+    e.add_argument("--stride", type=_positive, default=512)
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    e.add_argument("--device", default=None)
 
     s = sub.add_parser("smollm2", help="write the bundled SmolLM2-135M-Instruct as a dense HF directory")
     s.add_argument("dst")
+
+    from .convert import add_convert_parser
+
+    add_convert_parser(sub)
     return parser
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return int(value)
+
+
+def _existing_file(parser, flag: str, path):
+    if path is not None and not os.path.isfile(path):
+        parser.error(f"{flag} {path}: no such file")
+    return path
 
 
 def _quantize(args, parser) -> None:
@@ -59,10 +92,47 @@ def _quantize(args, parser) -> None:
     dst = args.dst or args.dst_opt
     if not src or not dst:
         parser.error("quantize needs SRC and DST (or --pretrained_model_name_or_path and --save_directory)")
-    from .checkpoint import quantize_model_dir
+    if args.nfl_table and not args.nfl:
+        parser.error("--nfl-table needs --nfl")
+    _existing_file(parser, "--calibration", args.calibration)
+    if not args.nfl:
+        from .checkpoint import quantize_model_dir
 
-    quantize_model_dir(src, dst, args.bits, args.group_size, args.table, args.modules_to_not_convert, args.device)
+        quantize_model_dir(src, dst, args.bits, args.group_size, args.table, args.modules_to_not_convert, args.device)
+    else:
+        if args.table != "nf":
+            parser.error("--nfl starts from the NF table: drop --table")
+        import torch
+
+        from . import hf
+        from .checkpoint import load_dense, load_tokenizer
+        from .nfl import nfl_quantize
+
+        from transformers import AutoConfig
+
+        # learn in float32, save in the checkpoint's own dtype
+        dtype = getattr(AutoConfig.from_pretrained(src), "dtype", None) or torch.bfloat16
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        model, tokenizer = load_dense(src, dtype=torch.float32), load_tokenizer(src)
+        texts = [open(args.calibration).read()] if args.calibration else None
+        nfl_quantize(model, tokenizer, args.bits, args.group_size, texts, samples=args.samples, seq_len=args.seq_len,
+                     steps=args.steps, lr=args.lr, learn_table=args.nfl_table,
+                     modules_to_not_convert=args.modules_to_not_convert, device=args.device)
+        hf.save_pretrained(model.to(dtype), dst, tokenizer=tokenizer)
     print(f"wrote {dst}")
+
+
+def _eval(args, parser) -> None:
+    _existing_file(parser, "--text", args.text)
+    import torch
+
+    from . import hf
+    from .checkpoint import load_tokenizer
+    from .evaluate import perplexity
+
+    model = hf.from_pretrained(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    ppl = perplexity(model, load_tokenizer(args.model), open(args.text).read(), args.max_length, args.stride)
+    print(f"perplexity {ppl:.4f}  model {args.model}  text {args.text}")
 
 
 def run_module(module: str, argv: Sequence[str]) -> None:
@@ -82,7 +152,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "quantize":
         _quantize(args, parser)
+    elif args.command == "eval":
+        _eval(args, parser)
     elif args.command == "smollm2":
         from .demo import smollm2
 
         print(smollm2(args.dst))
+    elif args.command == "convert":
+        from .convert import run_convert
+
+        run_convert(args)

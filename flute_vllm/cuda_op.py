@@ -212,10 +212,10 @@ def device_config(device_index: int) -> dict:
     props = torch.cuda.get_device_properties(device_index)
     name = props.name
     default = {
-        "waves": 1.0,
+        "cta_overhead_chunks": 2.0,
         "min_chunks_per_split": 4,
         "max_splits": 32,
-        "dequant_min_m": 512,
+        "dequant_min_m": 65,
     }
     chosen = None
     for cfg in _all_configs():
@@ -246,8 +246,9 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
          resident: Optional[int] = None) -> dict:
     """Launch plan: m_tiles, split-K (CTAs along K) and chunks per split.
 
-    Split-K fills the GPU without a second partial wave: splits = floor(waves * resident CTAs /
-    CTAs along N and M), at least ``min_chunks_per_split`` 64-wide chunks per split.
+    Split-K minimises a wave model of the run time: ceil(CTAs / resident CTAs on the GPU) waves,
+    each as long as one CTA's work (its 64-wide K chunks plus ``cta_overhead_chunks`` for the
+    prologue and the split-K reduction), with at least ``min_chunks_per_split`` chunks per split.
     """
     mt = m_tiles or m_tiles_for(m)
     nt = 2 if mt == 4 else 1  # kernels/flute_kernel.h gemm_n_tiles_per_warp
@@ -255,9 +256,18 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K
     if splits is None:
-        slots = cfg["sm_count"] * (resident or 4) * float(cfg.get("waves", 1.0))
+        slots = max(1, cfg["sm_count"] * (resident or 4))
         base = grid_x * m_chunks
-        splits = max(1, min(int(slots // base), nch // max(1, cfg["min_chunks_per_split"]), cfg["max_splits"]))
+        overhead = float(cfg.get("cta_overhead_chunks", 2.0))
+        max_s = max(1, min(nch // max(1, cfg["min_chunks_per_split"]), cfg["max_splits"]))
+        best = None
+        for s in range(1, max_s + 1):
+            cps = -(-nch // s)
+            s_eff = -(-nch // cps)
+            cost = -(-(base * s_eff) // slots) * (cps + overhead)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, s_eff)
+        splits = best[1]
     splits = max(1, min(int(splits), nch))
     if grid_x * m_chunks > COUNTER_SLOTS:
         splits = 1

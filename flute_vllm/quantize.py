@@ -85,7 +85,7 @@ def quantize_weight(
 
     Returns ``(q, scales)``: int64 indices ``[N, K]`` and float32 scales ``[N, K/G]`` with
     ``scale = absmax(group) / max|table|`` and ``q = argmin_j |w/scale - table[j]|``
-    (ties go to the lowest code).
+    (ties go to the smaller table value).
     """
     check_bits(bits)
     table = validate_table(table, bits).to(weight.device)
@@ -99,13 +99,14 @@ def quantize_weight(
     return q, scales
 
 
-def codes_for(normed: torch.Tensor, table: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
-    """Nearest table index for each (already scaled) value; chunked to bound memory."""
-    out = torch.empty(normed.shape, dtype=torch.int64, device=normed.device)
-    for start in range(0, normed.shape[0], chunk_rows):
-        rows = normed[start : start + chunk_rows]
-        out[start : start + chunk_rows] = (rows.unsqueeze(-1) - table).abs().argmin(-1)
-    return out
+def codes_for(normed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest table value for each (already scaled) value; ties go to the smaller value.
+
+    Binary search against the midpoints of the sorted table (tables need not be sorted).
+    """
+    values, perm = table.to(normed.device, torch.float32).sort()
+    midpoints = (values[1:] + values[:-1]) / 2
+    return perm[torch.bucketize(normed.contiguous(), midpoints)]
 
 
 def dequantize(

@@ -175,6 +175,17 @@ __device__ __forceinline__ void decode(const Frag<BITS>& f, const ByteTable& tb,
   }
 }
 
+// 4-bit decode through the shared-memory pair table: byte j of the step's word holds the
+// indices of a[j]'s two halves; one PRMT + one IMAD + one conflict-free LDS per register.
+template <int S>
+__device__ __forceinline__ void decode_pair(uint32_t w, uint32_t pair_lane, uint32_t a[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t idx = prmt(w, 0u, 0x4440u | j);
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * 64u + pair_lane));
+  }
+}
+
 // Index of element i (0..7) of k-step s from a lane's fragment (used by the dequant kernel).
 template <int BITS>
 __device__ __forceinline__ int frag_index(const Frag<BITS>& f, int s, int i) {
@@ -227,6 +238,25 @@ __global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
   __shared__ __align__(16) uint32_t s_w[kWarpsPerCta][STAGES][NT][32 * BITS];
   __shared__ __align__(16) T s_sc[kWarpsPerCta][STAGES][NT][2][16];
 
+  // 4-bit: FLUTE-style pair table in shared memory, one private copy per lane (conflict-free):
+  // entry e (two 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register.
+  // Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
+  // boundary inside the CTA) decode with byte permutes instead.
+  extern __shared__ __align__(16) uint32_t s_pair[];  // [256][32] when BITS == 4
+  const int cta_tile0 = min((int)blockIdx.x * kWarpsPerCta * NT, ntiles - 1);
+  if constexpr (BITS == 4) {
+    const uint32_t* tp = p.tables + (size_t)cta_tile0 * kTableWords;
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+      const int i0 = e & 15, i1 = e >> 4;
+      const uint32_t v0 = ((tp[i0 >> 2] >> (8 * (i0 & 3))) & 0xFF) | (((tp[4 + (i0 >> 2)] >> (8 * (i0 & 3))) & 0xFF) << 8);
+      const uint32_t v1 = ((tp[i1 >> 2] >> (8 * (i1 & 3))) & 0xFF) | (((tp[4 + (i1 >> 2)] >> (8 * (i1 & 3))) & 0xFF) << 8);
+      const uint4 v = make_uint4(v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16));
+#pragma unroll
+      for (int q = 0; q < 4; ++q) reinterpret_cast<uint4*>(s_pair + e * 16)[q] = v;
+    }
+    __syncthreads();
+  }
+
   if (warp_active && cb < ce) {
     ByteTable tb[NT];
     const T* scales = reinterpret_cast<const T*>(p.scales);
@@ -236,6 +266,18 @@ __global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
       const uint4 l = __ldg(tp), h = __ldg(tp + 1);
       tb[nt].lo[0] = l.x; tb[nt].lo[1] = l.y; tb[nt].lo[2] = l.z; tb[nt].lo[3] = l.w;
       tb[nt].hi[0] = h.x; tb[nt].hi[1] = h.y; tb[nt].hi[2] = h.z; tb[nt].hi[3] = h.w;
+    }
+    bool use_pair[NT];
+    const uint32_t pair_lane = smem_addr(s_pair) + 4 * (lane & 15);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      use_pair[nt] = false;
+      if constexpr (BITS == 4) {
+        const uint4* tp0 = reinterpret_cast<const uint4*>(p.tables + (size_t)cta_tile0 * kTableWords);
+        const uint4 l = __ldg(tp0), h = __ldg(tp0 + 1);
+        use_pair[nt] = l.x == tb[nt].lo[0] && l.y == tb[nt].lo[1] && l.z == tb[nt].lo[2] && l.w == tb[nt].lo[3] &&
+                       h.x == tb[nt].hi[0] && h.y == tb[nt].hi[1] && h.z == tb[nt].hi[2] && h.w == tb[nt].hi[3];
+      }
     }
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* xrow[MT];
@@ -352,7 +394,8 @@ __global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
   {                                                                                             \
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
-      decode<BITS, S>(f[nt], tb[nt], a);                                                        \
+      if (BITS == 4 && use_pair[nt]) decode_pair<S>(f[nt].w[S & (BITS - 1)], pair_lane, a);     \
+      else decode<BITS, S>(f[nt], tb[nt], a);                                                   \
       _Pragma("unroll") for (int mt = 0; mt < MT; ++mt) {                                       \
         const uint4& xv = (S < 2) ? xa[mt] : xb[mt];                                            \
         const uint32_t b0 = (S & 1) ? xv.z : xv.x;                                              \
@@ -510,11 +553,24 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
   }
 }
 
+constexpr int pair_smem_bytes(int bits) { return bits == 4 ? 256 * 16 * 4 : 0; }
+
+// Opt in to > 48 KB of shared memory (static ring + dynamic pair table); done once per kernel.
+template <int BITS, int MT, int NT, typename T>
+cudaError_t set_smem_attr() {
+  static const cudaError_t err = cudaFuncSetAttribute(lut_gemm_kernel<BITS, MT, NT, T>,
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, pair_smem_bytes(BITS));
+  return err;
+}
+
 template <int BITS, int MT, typename T>
 int occupancy_t() {
   constexpr int NT = MT == 4 ? 2 : 1;
   int n = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, T>, 128, 0) != cudaSuccess) return 0;
+  if (set_smem_attr<BITS, MT, NT, T>() != cudaSuccess) return 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, T>, 128, pair_smem_bytes(BITS)) !=
+      cudaSuccess)
+    return 0;
   return n;
 }
 
@@ -543,7 +599,9 @@ template <int BITS, int MT, typename T>
 cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
   constexpr int NT = MT == 4 ? 2 : 1;  // == gemm_n_tiles_per_warp(MT)
   dim3 grid(gemm_grid_x(p.N, MT), p.splits, gemm_m_chunks(p.M, MT));
-  lut_gemm_kernel<BITS, MT, NT, T><<<grid, 128, 0, stream>>>(p);
+  const cudaError_t err = set_smem_attr<BITS, MT, NT, T>();
+  if (err != cudaSuccess) return err;
+  lut_gemm_kernel<BITS, MT, NT, T><<<grid, 128, pair_smem_bytes(BITS), stream>>>(p);
   return cudaGetLastError();
 }
 

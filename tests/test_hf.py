@@ -1,0 +1,117 @@
+"""transformers integration: prepare_model, FluteLinear, save/load round trip, generate()."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flute_vllm import hf
+from flute_vllm.quantize import dequantize
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(cache_dir):
+    from flute_vllm.demo import tiny_llama
+
+    return tiny_llama(os.path.join(cache_dir, "tiny-llama-dense"))
+
+
+def _load_dense(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (3, 128), (2, -1)])
+def test_prepare_model_replaces_linears_with_the_dequantized_weight(tiny_dense, bits, group_size):
+    dense = _load_dense(tiny_dense)
+    model = hf.prepare_model(_load_dense(tiny_dense), bits, group_size, progress=False)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, hf.FluteLinear)]
+    assert len(layers) == 2 * 7  # q k v o gate up down per block
+    assert isinstance(model.lm_head, torch.nn.Linear)  # kept dense by default
+    x = torch.randn(3, 256)
+    for name, layer in layers[:4]:
+        w_hat = dequantize(layer.qweight, layer.scales, layer.table, bits, layer.group_size)
+        ref = x @ w_hat.T
+        assert torch.allclose(layer(x), ref, atol=1e-4, rtol=1e-4)
+        # and the quantized weight is close to the dense one it came from
+        w = dense.get_submodule(name).weight
+        assert ((w_hat - w).norm() / w.norm()).item() < {4: 0.15, 3: 0.3, 2: 0.7}[bits]
+    assert model.config.quantization_config["bits"] == bits
+
+
+def test_save_then_from_pretrained_gives_identical_logits(tiny_dense, tmp_path):
+    model = hf.prepare_model(_load_dense(tiny_dense), 4, 64, progress=False)
+    hf.save_pretrained(model, str(tmp_path), aux_from=tiny_dense)
+    loaded = hf.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32)
+    ids = torch.tensor([[1, 50, 900, 3000, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    out = loaded.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_modules_to_not_convert(tiny_dense):
+    model = hf.prepare_model(_load_dense(tiny_dense), 4, 64, modules_to_not_convert=["lm_head", "mlp"], progress=False)
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, hf.FluteLinear)
+
+
+def test_from_pretrained_bad_path():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hf.from_pretrained("/no/such/dir")
+
+
+def test_perplexity_one_window_equals_hf_loss(tiny_dense):
+    from transformers import AutoTokenizer
+
+    from flute_vllm.evaluate import perplexity
+
+    model, tok = _load_dense(tiny_dense), AutoTokenizer.from_pretrained(tiny_dense)
+    text = "The quick brown fox jumps over the lazy dog. " * 10
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = torch.exp(model(ids, labels=ids).loss).item()
+    assert perplexity(model, tok, text, max_length=4096, stride=4096) == pytest.approx(expected, rel=1e-4)
+
+
+def test_eval_cli_prints_the_perplexity(tiny_dense, tmp_path):
+    from transformers import AutoTokenizer
+
+    from flute_vllm.evaluate import perplexity
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    r = subprocess.run([sys.executable, "-m", "flute_vllm", "eval", tiny_dense, "--text", str(text),
+                        "--max-length", "64", "--stride", "32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ppl = float(r.stdout.split("perplexity")[1].split()[0])
+    expected = perplexity(_load_dense(tiny_dense), AutoTokenizer.from_pretrained(tiny_dense), text.read_text(), 64, 32)
+    assert ppl == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "/no/model", "--text", "/no/file.txt"], "--text /no/file.txt: no such file"),
+    (["quantize", "a"], "quantize needs SRC and DST"),
+    (["quantize", "a", "b", "--num-bits", "5"], "invalid choice: 5"),
+    (["quantize", "a", "b", "--group-size", "100"], "invalid choice: 100"),
+    (["quantize", "a", "b", "--nfl-table"], "--nfl-table needs --nfl"),
+    (["quantize", "a", "b", "--nfl", "--steps", "0"], "'0' is not a positive integer"),
+    (["quantize", "a", "b", "--nfl", "--calibration", "/no/cal.txt"], "--calibration /no/cal.txt: no such file"),
+])
+def test_cli_rejects_bad_flags(argv, message):
+    r = subprocess.run([sys.executable, "-m", "flute_vllm", *argv], capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr
+
+
+def test_quantize_cli_wrong_path():
+    r = subprocess.run([sys.executable, "-m", "flute_vllm", "quantize", "/no/such/model", "/tmp/x"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["--help"], ["quantize", "--help"], ["eval", "--help"], ["smollm2", "--help"]])
+def test_cli_help(cmd):
+    r = subprocess.run([sys.executable, "-m", "flute_vllm", *cmd], capture_output=True, text=True)
+    assert r.returncode == 0 and "usage:" in r.stdout
