@@ -1,17 +1,14 @@
-"""Model-level quantization: a dense HF model -> a flute format-v1 checkpoint directory."""
+"""Reading and writing model directories (dense sources, flute checkpoints): one writer for all tools."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
-from .format import FluteQuantConfig, check_layer_shapes
-from .quantize import pack, quantize_weight
-from .tables import resolve_table
+from .format import FluteQuantConfig
 
 # Tokenizer / generation files copied verbatim from a local source directory.
 AUX_FILES = (
@@ -20,92 +17,59 @@ AUX_FILES = (
 )
 
 
-def should_quantize(name: str, module: torch.nn.Module, cfg: FluteQuantConfig) -> bool:
-    """nn.Linear layers not named in modules_to_not_convert (matched at a name-component boundary)."""
-    if not isinstance(module, torch.nn.Linear):
-        return False
-    for skip in cfg.modules_to_not_convert:
-        if name == skip or name.endswith("." + skip) or ("." + skip + ".") in ("." + name + "."):
-            return False
-    return True
+def copy_aux_files(src: Optional[str], dst: str) -> None:
+    if src and os.path.isdir(src) and os.path.abspath(src) != os.path.abspath(dst):
+        for fname in AUX_FILES:
+            path = os.path.join(src, fname)
+            if os.path.exists(path):
+                shutil.copy(path, os.path.join(dst, fname))
 
 
-def quantizable_linears(model: torch.nn.Module, cfg: FluteQuantConfig) -> list[tuple[str, torch.nn.Linear]]:
-    layers = [(n, m) for n, m in model.named_modules() if should_quantize(n, m, cfg)]
-    if not layers:
-        raise ValueError("no nn.Linear layers to quantize in this model (check modules_to_not_convert)")
-    for name, m in layers:
-        check_layer_shapes(name, m.out_features, m.in_features, cfg)
-    return layers
+def drop_tied_lm_head(state: dict, config: dict) -> None:
+    if config.get("tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to embed_tokens; stored once
 
 
-def quantize_linear(
-    weight: torch.Tensor, cfg: FluteQuantConfig, table: torch.Tensor, dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """``W[N, K]`` -> ``{"qweight", "scales", "table"}`` in format v1."""
-    q, scales = quantize_weight(weight, cfg.bits, cfg.group_size, table)
-    return {"qweight": pack(q.cpu(), cfg.bits), "scales": scales.to(dtype).cpu(), "table": table.clone().cpu()}
-
-
-def quantized_state_dict(
-    model: torch.nn.Module,
-    cfg: FluteQuantConfig,
-    table: Optional[torch.Tensor] = None,
-    device: Optional[str] = None,
-    layer_fn: Optional[Callable[[str, torch.Tensor], dict[str, torch.Tensor]]] = None,
-) -> dict[str, torch.Tensor]:
-    """The model's state dict with every quantizable Linear's ``weight`` replaced by flute tensors.
-
-    ``layer_fn(name, weight)`` overrides how one layer is quantized (NFL uses it).
-    """
-    table = resolve_table(cfg.table if table is None else table, cfg.bits)
-    state = {k: v for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied to embed_tokens; save once
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for name, module in tqdm(quantizable_linears(model, cfg), desc="quantizing", unit="layer"):
-        w = module.weight.detach().to(device)
-        tensors = layer_fn(name, w) if layer_fn else quantize_linear(w, cfg, table, module.weight.dtype)
-        del state[f"{name}.weight"]
-        for suffix, t in tensors.items():
-            state[f"{name}.{suffix}"] = t.contiguous()
-    return state
-
-
-def save_checkpoint(
-    model: torch.nn.Module,
-    state: dict[str, torch.Tensor],
-    cfg: FluteQuantConfig,
+def write_checkpoint(
     dst: str,
+    state: dict[str, torch.Tensor],
+    config: dict,
+    quant_config: Optional[FluteQuantConfig],
     aux_from: Optional[str] = None,
     tokenizer=None,
-) -> None:
-    """Write safetensors shards + config.json (with quantization_config) + tokenizer files."""
+    extra_json: Optional[dict[str, dict]] = None,
+) -> str:
+    """safetensors shards + config.json (with ``quant_config`` as quantization_config, if given)
+    + tokenizer files (from ``tokenizer`` or copied from ``aux_from``) + ``extra_json`` files."""
     from huggingface_hub import save_torch_state_dict
 
     os.makedirs(dst, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    drop_tied_lm_head(state, config)
     save_torch_state_dict(state, dst, max_shard_size="5GB")
-    config = model.config.to_dict()
+    config = dict(config)
     config.pop("quantization_config", None)
-    config["quantization_config"] = cfg.to_dict()
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(dst)
+    if quant_config is not None:
+        config["quantization_config"] = quant_config.to_dict()
+    files = {"config.json": config, **(extra_json or {})}
+    for name, content in files.items():
+        with open(os.path.join(dst, name), "w") as f:
+            json.dump(content, f, indent=2)
+    copy_aux_files(aux_from, dst)
     if tokenizer is not None:
         tokenizer.save_pretrained(dst)
-    elif aux_from and os.path.isdir(aux_from):
-        for fname in AUX_FILES:
-            src = os.path.join(aux_from, fname)
-            if os.path.exists(src):
-                shutil.copy(src, os.path.join(dst, fname))
+    return dst
+
+
+def _is_hub_id(src: str) -> bool:
+    return not src.startswith((".", "/", "~")) and src.count("/") == 1
 
 
 def load_dense(src: str, dtype: str | torch.dtype = "auto", **kwargs):
-    """A dense HF causal LM from a local directory or hub id (cached by huggingface_hub)."""
+    """A dense HF causal LM from a local directory or hub id (downloads cached by huggingface_hub)."""
     from transformers import AutoModelForCausalLM
 
-    if not os.path.isdir(src) and os.path.sep in src and not src.count("/") == 1:
+    if not os.path.isdir(src) and not _is_hub_id(src):
         raise FileNotFoundError(f"model path {src!r} does not exist")
     try:
         return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
@@ -128,14 +92,11 @@ def quantize_model_dir(
     modules_to_not_convert: Optional[list[str]] = None,
     device: Optional[str] = None,
 ) -> str:
-    """``python -m flute_vllm quantize`` in one call. Returns ``dst``."""
-    table_kind = table if isinstance(table, str) else "custom"
-    cfg = FluteQuantConfig(
-        bits=bits, group_size=group_size, table=table_kind,
-        **({"modules_to_not_convert": modules_to_not_convert} if modules_to_not_convert is not None else {}),
-    )
+    """``python -m flute_vllm quantize`` (round to nearest) in one call. Returns ``dst``."""
+    from . import hf
+
     model = load_dense(src)
+    hf.prepare_model(model, bits, group_size, table, modules_to_not_convert, device)
     tokenizer = None if os.path.isdir(src) else load_tokenizer(src)
-    state = quantized_state_dict(model, cfg, resolve_table(table, bits), device=device)
-    save_checkpoint(model, state, cfg, dst, aux_from=src, tokenizer=tokenizer)
+    hf.save_pretrained(model, dst, tokenizer=tokenizer, aux_from=src)
     return dst

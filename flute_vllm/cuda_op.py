@@ -20,8 +20,6 @@ fp32 activations and large M run dequantize-to-dense + cuBLAS (``torch.nn.functi
 from __future__ import annotations
 
 import json
-import math
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -188,6 +186,12 @@ def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: in
     tile_rows = torch.arange(n // TILE_N, device=dev) * TILE_N
     shard_of_tile = torch.searchsorted(ends, tile_rows, right=True)
     tables_k = tw[shard_of_tile].contiguous()
+    # Build/load the extension and cache the occupancy of every kernel this layer can use now,
+    # so that nothing is compiled or queried for the first time inside a CUDA-graph capture.
+    if scales.dtype in (torch.float16, torch.bfloat16) and not torch.cuda.is_current_stream_capturing():
+        dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
+        for mt in (1, 2, 4, 8):
+            _ctas_per_sm(bits, mt, str(scales.dtype).split(".")[-1], dev_index)
     return qweight_k, scales_k, tables_k
 
 

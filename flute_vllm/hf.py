@@ -12,7 +12,6 @@ Any model whose projections are ``nn.Linear`` works (Llama, Mistral, Qwen2/3, Ge
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Optional
 
@@ -137,21 +136,23 @@ def set_quant_config(model: nn.Module, cfg: FluteQuantConfig) -> None:
 
 def save_pretrained(model: nn.Module, dst: str, tokenizer=None, aux_from: Optional[str] = None) -> None:
     """Write a model prepared by :func:`prepare_model` (or loaded by :func:`from_pretrained`)."""
-    from .checkpoint import save_checkpoint
+    from .checkpoint import write_checkpoint
 
     qc = getattr(model.config, "quantization_config", None)
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         raise ValueError("model has no flute quantization_config: call prepare_model first")
-    state = dict(model.state_dict())
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    save_checkpoint(model, state, FluteQuantConfig.from_dict(qc), dst, aux_from=aux_from, tokenizer=tokenizer)
+    write_checkpoint(dst, dict(model.state_dict()), model.config.to_dict(), FluteQuantConfig.from_dict(qc),
+                     aux_from=aux_from, tokenizer=tokenizer)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(dst)
 
 
 def _resolve_dir(path_or_id: str, revision: Optional[str] = None) -> str:
+    from .checkpoint import _is_hub_id
+
     if os.path.isdir(path_or_id):
         return path_or_id
-    if os.path.sep in path_or_id.strip("/") and path_or_id.count("/") != 1 or path_or_id.startswith((".", "/")):
+    if not _is_hub_id(path_or_id):
         raise FileNotFoundError(f"model path {path_or_id!r} does not exist")
     from huggingface_hub import snapshot_download
 

@@ -8,12 +8,14 @@
 //   T     activation type (half / bf16)
 // runtime: M, N, K, group size, split-K.
 //
-// Each warp computes Y^T tiles with mma.sync.m16n8k16: A = dequantized weights (16 rows x 16 k,
-// built in registers from the packed indices by byte-permute table lookups: the 16-entry table's
-// low and high bytes live in 8 registers), B = activations (loaded straight from global/L1 in the
-// fragment order; the kernel layout permutes K inside each 64-chunk so that a lane's activation
-// fragments are 16 contiguous bytes), C = fp32. Group scales are applied once per group to a
-// per-group partial accumulator (acc += s * partial), not per weight element.
+// Each warp computes Y^T tiles with mma.sync.m16n8k16: A = dequantized weights (16 rows x 16 k),
+// B = activations (loaded straight from global/L1 in fragment order; the kernel layout permutes K
+// inside each 64-chunk so that a lane's activation fragments are 16 contiguous bytes), C = fp32.
+// Decode: 4-bit through a shared-memory pair table (one LDS per A register, FLUTE's trick);
+// 2/3-bit (and 4-bit warps whose tile uses another shard's table) by byte-permute lookups in
+// registers. Packed weights + group scales stream through a per-warp cp.async ring. Group scales
+// are applied once per group to a per-group partial accumulator (acc += s * partial), not per
+// weight element. Split-K partials are reduced by the last CTA to arrive (deterministic order).
 #include "flute_kernel.h"
 
 #include <cuda_bf16.h>

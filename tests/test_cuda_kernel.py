@@ -6,7 +6,7 @@ packs, so a layout bug shows on CI even without a GPU.
 """
 from __future__ import annotations
 
-import math
+import os
 import random
 
 import pytest
@@ -191,7 +191,7 @@ def test_randomized_sweep():
     rng = random.Random(1234)
     gen = torch.Generator().manual_seed(1234)
     dev = torch.device("cuda")
-    n_cases = int(__import__("os").environ.get("FLUTE_SWEEP_CASES", "2000"))
+    n_cases = int(os.environ.get("FLUTE_SWEEP_CASES", "2000"))
     failures = []
     worst = {}
     for idx in range(n_cases):

@@ -1,7 +1,6 @@
 """End to end on the CPU: quantize SmolLM2 (NF4 W4G64) with the CLI, serve it with vLLM's OpenAI
 server through our launcher, ask it questions, and compare its perplexity with the dense model's."""
 import math
-import os
 from importlib import resources
 
 import pytest

@@ -100,3 +100,19 @@ def test_tp_size_that_splits_a_group_fails(tiny_llama, tmp_path):
     quant = _quantize(tiny_llama, str(tmp_path / "g256"), 4, 256)  # o_proj K=256: TP=2 leaves 128
     code, out = _run_llm(quant, 2)
     assert code != 0 and "would split a scale group" in out and "o_proj" in out
+
+
+def test_flute_model_zoo_checkpoint_serves_like_ours(tiny_llama, tiny_w4g64, tmp_path):
+    """A checkpoint in FLUTE's own layout (int16 interleaved weight, tables, tables2,
+    flute_config.json) is converted as vLLM loads it and generates what our format does."""
+    from flute_vllm.convert.flute_zoo import make_zoo_checkpoint
+
+    zoo = make_zoo_checkpoint(tiny_llama, str(tmp_path / "zoo"), 4, 64)
+    assert os.path.exists(os.path.join(zoo, "flute_config.json"))
+    assert "quantization_config" not in json.load(open(os.path.join(zoo, "config.json")))
+    results = {}
+    for name, model_dir in (("zoo", zoo), ("ours", tiny_w4g64)):
+        code, out = _run_llm(model_dir, 1)
+        assert code == 0, out[-3000:]
+        results[name] = json.loads([line for line in out.splitlines() if line.startswith("[[")][-1])
+    assert results["zoo"] == results["ours"]

@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("vllm")
 
-from tp_worker import CONFIGS, HEAD, HEADS, KV_HEADS, INTER, HIDDEN, make_checkpoint, run_rank  # noqa: E402
+from tp_worker import CONFIGS, HEAD, HEADS, KV_HEADS, HIDDEN, make_checkpoint, run_rank  # noqa: E402
 
 from flute_vllm.quantize import dequantize  # noqa: E402
 

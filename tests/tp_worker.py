@@ -11,11 +11,9 @@ HIDDEN, HEAD, HEADS, KV_HEADS, INTER = 256, 64, 4, 2, 512
 
 def make_checkpoint(bits, group_size, seed=0):
     """Format-v1 tensors for one attention + MLP block; each sub-layer has its own random table."""
-    from flute_vllm.checkpoint import quantize_linear
-    from flute_vllm.format import FluteQuantConfig
+    from flute_vllm.quantize import pack, quantize_weight
 
     gen = torch.Generator().manual_seed(seed)
-    cfg = FluteQuantConfig(bits=bits, group_size=group_size, table="custom")
     shapes = {"q_proj": (HEADS * HEAD, HIDDEN), "k_proj": (KV_HEADS * HEAD, HIDDEN),
               "v_proj": (KV_HEADS * HEAD, HIDDEN), "o_proj": (HIDDEN, HEADS * HEAD),
               "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN), "down_proj": (HIDDEN, INTER)}
@@ -23,7 +21,8 @@ def make_checkpoint(bits, group_size, seed=0):
     for name, shape in shapes.items():
         table = torch.randn(2**bits, generator=gen).sort().values
         weight = torch.randn(*shape, generator=gen) / shape[1] ** 0.5  # keep activations O(1)
-        ckpt[name] = quantize_linear(weight, cfg, table, torch.float32)
+        q, scales = quantize_weight(weight, bits, group_size, table)
+        ckpt[name] = {"qweight": pack(q, bits), "scales": scales, "table": table}
     return ckpt
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from typing import Iterable, Optional
 
@@ -84,38 +83,6 @@ def dense_linear_names(config: dict, quantized: Iterable[str]) -> Optional[list[
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
 
 
-def write_checkpoint(
-    dst: str,
-    state: dict[str, torch.Tensor],
-    config: dict,
-    quant_config,
-    aux_from: Optional[str] = None,
-) -> str:
-    """safetensors shards + config.json (with our quantization_config) + tokenizer files."""
-    from huggingface_hub import save_torch_state_dict
-
-    from ..checkpoint import AUX_FILES
-
-    os.makedirs(dst, exist_ok=True)
-    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, dst, max_shard_size="5GB")
-    config = dict(config)
-    config.pop("quantization_config", None)
-    config["quantization_config"] = quant_config.to_dict()
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    if aux_from and os.path.isdir(aux_from) and os.path.abspath(aux_from) != os.path.abspath(dst):
-        for fname in AUX_FILES:
-            path = os.path.join(aux_from, fname)
-            if os.path.exists(path):
-                shutil.copy(path, os.path.join(dst, fname))
-    return dst
-
-
-def drop_tied_lm_head(state: dict, config: dict) -> None:
-    if config.get("tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)  # tied to embed_tokens; stored once
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -162,7 +129,10 @@ def run_convert(args) -> None:
     print(f"wrote {args.dst}")
 
 
+# the one checkpoint writer, shared with the quantizer and the HF integration
+from ..checkpoint import drop_tied_lm_head, write_checkpoint  # noqa: E402
+
 __all__ = [
     "FORMATS", "SafetensorsDir", "add_convert_parser", "run_convert", "check_src_dir",
-    "dense_linear_names", "write_checkpoint", "read_config_json",
+    "dense_linear_names", "drop_tied_lm_head", "write_checkpoint", "read_config_json",
 ]

@@ -281,14 +281,13 @@ def make_zoo_checkpoint(
     NF tables, group absmax scales, ``pack_flute`` weights, ``tables2``, ``flute_config.json``,
     config.json without quantization_config. For tests; every nn.Linear inside ``model.layers``
     is quantized, as FLUTE does, and must meet FLUTE's shape rules."""
-    from ..checkpoint import AUX_FILES, load_dense
+    from ..checkpoint import load_dense
 
     src_dir = model_or_dir if isinstance(model_or_dir, str) else None
     model = load_dense(model_or_dir) if src_dir else model_or_dir
     check_bits(bits)
     table = nf_table(bits)
     state = dict(model.state_dict())
-    drop_tied_lm_head(state, model.config.to_dict())
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
     if not layers:
         raise ValueError("no nn.Linear layers inside model.layers to quantize")
@@ -303,23 +302,9 @@ def make_zoo_checkpoint(
         state[f"{name}.scales"] = scales.to(dtype)
         state[f"{name}.tables"] = tables
         state[f"{name}.tables2"] = tables2_from_tables(tables)
-    from huggingface_hub import save_torch_state_dict
-
-    os.makedirs(dst, exist_ok=True)
-    save_torch_state_dict({k: v.contiguous() for k, v in state.items()}, dst, max_shard_size="5GB")
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(dst, FLUTE_CONFIG), "w") as f:
-        json.dump({"num_sms": num_sms, "num_bits": bits, "group_size": group_size}, f, indent=2)
-    if src_dir and os.path.isdir(src_dir):
-        import shutil
-
-        for fname in AUX_FILES:
-            if os.path.exists(os.path.join(src_dir, fname)):
-                shutil.copy(os.path.join(src_dir, fname), os.path.join(dst, fname))
-    return dst
+    flute_config = {"num_sms": num_sms, "num_bits": bits, "group_size": group_size}
+    return write_checkpoint(dst, state, model.config.to_dict(), None, aux_from=src_dir,
+                            extra_json={FLUTE_CONFIG: flute_config})
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from .. import ops
+from ..convert.flute_zoo import FLUTE_CONFIG, flute_weight_to_qweight, is_flute_zoo_config
 from ..format import FORMAT_VERSION, QUANT_METHOD, FluteQuantConfig, check_group_size
 from ..tables import check_bits
 from .compat import (
@@ -37,9 +38,11 @@ _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 class FluteConfig(QuantizationConfig):
     """Reads ``quantization_config`` (quant_method "flute") from config.json."""
 
-    def __init__(self, spec: FluteQuantConfig) -> None:
+    def __init__(self, spec: FluteQuantConfig, flute_zoo: bool = False) -> None:
         super().__init__()
         self.spec = spec
+        # FLUTE's own (legacy model-zoo) layout on disk; converted to format v1 as it loads.
+        self.flute_zoo = flute_zoo
 
     def __repr__(self) -> str:
         return f"FluteConfig({self.spec})"
@@ -58,10 +61,18 @@ class FluteConfig(QuantizationConfig):
 
     @staticmethod
     def get_config_filenames() -> list[str]:
-        return []  # the config lives in config.json's quantization_config
+        # Ours lives in config.json's quantization_config; FLUTE's model zoo ships flute_config.json.
+        return [FLUTE_CONFIG]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "FluteConfig":
+        if is_flute_zoo_config(config):
+            check_bits(config["num_bits"], "flute_config.json: num_bits")
+            check_group_size(config["group_size"], "flute_config.json: group_size")
+            # FLUTE quantizes the Linear layers inside model.layers only; its tables are per layer.
+            spec = FluteQuantConfig(bits=config["num_bits"], group_size=config["group_size"], table="custom",
+                                    modules_to_not_convert=["lm_head"])
+            return cls(spec, flute_zoo=True)
         return cls(FluteQuantConfig.from_dict(config))
 
     @classmethod
@@ -95,9 +106,15 @@ class FluteConfig(QuantizationConfig):
 class FluteLinearMethod(LinearMethodBase):
     """Linear layers whose weight is ``table[q] * scales`` (format v1 on disk)."""
 
+    # checkpoint tensor name of each role: format v1, or FLUTE's model zoo (+ its derived tables2)
+    V1_NAMES = {"qweight": "qweight", "scales": "scales", "table": "table"}
+    ZOO_NAMES = {"qweight": "weight", "scales": "scales", "table": "tables", "ignored": "tables2"}
+
     def __init__(self, quant_config: FluteConfig, prefix: str = "") -> None:
         self.spec = quant_config.spec
         self.prefix = prefix
+        self.flute_zoo = quant_config.flute_zoo
+        self.names = self.ZOO_NAMES if self.flute_zoo else self.V1_NAMES
         proj = prefix.rsplit(".", 1)[-1]
         # checkpoint names of the sub-layers vLLM fused into this one (q/k/v_proj, gate/up_proj)
         self.sub_layer_names = quant_config.packed_modules_mapping.get(proj, [proj])
@@ -140,9 +157,13 @@ class FluteLinearMethod(LinearMethodBase):
             torch.empty(len(output_partition_sizes), 2**bits, dtype=torch.float32), requires_grad=False
         )
         k_start = layer.tp_rank * k_local if row_parallel else 0
-        for name, param in (("qweight", qweight), ("scales", scales), ("table", table)):
-            layer.register_parameter(name, param)
-            set_weight_attrs(param, {"weight_loader": _ShardLoader(layer, name, self.spec, k_start, k_local)})
+        params = {"qweight": qweight, "scales": scales, "table": table}
+        if "ignored" in self.names:  # accepted from the checkpoint, then dropped
+            params["ignored"] = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        for role, param in params.items():
+            layer.register_parameter(self.names[role], param)
+            loader = _ShardLoader(layer, role, self.names[role], self.spec, k_start, k_local, self.flute_zoo)
+            set_weight_attrs(param, {"weight_loader": loader})
             param.flute_loaded = set()
 
         layer.flute_bits = bits
@@ -153,11 +174,13 @@ class FluteLinearMethod(LinearMethodBase):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         self._check_all_loaded(layer)
         shard_ends = torch.tensor(layer.flute_parts).cumsum(0).tolist()
+        loaded = {role: getattr(layer, name).data for role, name in self.names.items()}
         qweight, scales, tables = ops.prepare_weights(
-            layer.qweight.data, layer.scales.data, layer.table.data, shard_ends, layer.flute_bits, layer.flute_group
+            loaded["qweight"], loaded["scales"], loaded["table"], shard_ends, layer.flute_bits, layer.flute_group
         )
-        for name, value in (("qweight", qweight), ("scales", scales), ("table", tables)):
+        for name in self.names.values():
             delattr(layer, name)
+        for name, value in (("qweight", qweight), ("scales", scales), ("table", tables)):
             layer.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
         layer.flute_shard_ends = shard_ends
 
@@ -171,7 +194,7 @@ class FluteLinearMethod(LinearMethodBase):
         else:
             shard_ids = list(range(num_parts)) if num_parts > 1 else [None]
         names = self.sub_layer_names if len(self.sub_layer_names) == len(shard_ids) else [proj] * len(shard_ids)
-        for tensor in ("qweight", "scales", "table"):
+        for tensor in (self.names[r] for r in ("qweight", "scales", "table")):
             loaded = getattr(layer, tensor).flute_loaded
             if None in loaded:
                 continue  # fused on disk: loaded in one piece
@@ -196,9 +219,10 @@ class _ShardLoader:
     for QKVParallelLinear, an int for MergedColumnParallelLinear, None otherwise.
     """
 
-    def __init__(self, layer, name: str, spec: FluteQuantConfig, k_start: int, k_local: int) -> None:
-        self.layer, self.name, self.spec = layer, name, spec
-        self.k_start, self.k_local = k_start, k_local
+    def __init__(self, layer, role: str, name: str, spec: FluteQuantConfig, k_start: int, k_local: int,
+                 flute_zoo: bool = False) -> None:
+        self.layer, self.role, self.name, self.spec = layer, role, name, spec
+        self.k_start, self.k_local, self.flute_zoo = k_start, k_local, flute_zoo
 
     def _part_index(self, shard_id) -> Optional[int]:
         if shard_id is None:
@@ -226,7 +250,13 @@ class _ShardLoader:
         prefix = f"{self.layer.flute_prefix}.{self.name}" + (f" (shard {shard_id})" if shard_id is not None else "")
         part = self._part_index(shard_id)
         bits = self.spec.bits
-        if self.name == "table":
+        if self.role == "ignored":
+            return
+        if self.role == "qweight" and self.flute_zoo:
+            if loaded.dtype != torch.int16:
+                raise ValueError(f"{prefix}: FLUTE checkpoints store int16 weights, got {loaded.dtype}")
+            loaded = flute_weight_to_qweight(loaded, bits, self.layer.input_size)  # whole sub-layer, then slice
+        if self.role == "table":
             if loaded.numel() != 2**bits:
                 raise ValueError(f"{prefix}: table has {loaded.numel()} entries, but bits={bits} needs {2**bits}")
             rows = param.data if part is None else param.data[part : part + 1]
@@ -235,7 +265,7 @@ class _ShardLoader:
             return
 
         offset, size, src = self._rows(part, shard_id)
-        if self.name == "qweight":
+        if self.role == "qweight":
             if loaded.dtype != torch.int32:
                 raise ValueError(f"{prefix}: expected int32 packed indices, got {loaded.dtype}")
             c0, c1 = self.k_start * bits // 32, (self.k_start + self.k_local) * bits // 32
