@@ -75,6 +75,8 @@ def load_dense(src: str, dtype: str | torch.dtype = "auto", **kwargs):
         return AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"cannot load a model from {src!r}: {e}") from e
+    except (KeyError, ValueError) as e:  # e.g. "Unrecognized model": a model_type transformers lacks
+        raise ValueError(f"cannot load {src!r} as a causal LM with transformers: {e}") from e
 
 
 def load_tokenizer(src: str):

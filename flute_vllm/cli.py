@@ -150,15 +150,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return run_module(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "quantize":
-        _quantize(args, parser)
-    elif args.command == "eval":
-        _eval(args, parser)
-    elif args.command == "smollm2":
-        from .demo import smollm2
+    try:
+        if args.command == "quantize":
+            _quantize(args, parser)
+        elif args.command == "eval":
+            _eval(args, parser)
+        elif args.command == "smollm2":
+            from .demo import smollm2
 
-        print(smollm2(args.dst))
-    elif args.command == "convert":
-        from .convert import run_convert
+            print(smollm2(args.dst))
+        elif args.command == "convert":
+            from .convert import run_convert
 
-        run_convert(args)
+            run_convert(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # bad paths, unknown model types, shapes that cannot be quantized: one clear line, exit 1
+        sys.exit(f"error: {e}")

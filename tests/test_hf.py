@@ -1,5 +1,6 @@
 """transformers integration: prepare_model, FluteLinear, save/load round trip, generate()."""
 import os
+
 import subprocess
 import sys
 
@@ -89,29 +90,3 @@ def test_eval_cli_prints_the_perplexity(tiny_dense, tmp_path):
     ppl = float(r.stdout.split("perplexity")[1].split()[0])
     expected = perplexity(_load_dense(tiny_dense), AutoTokenizer.from_pretrained(tiny_dense), text.read_text(), 64, 32)
     assert ppl == pytest.approx(expected, rel=1e-3)
-
-
-@pytest.mark.parametrize("argv,message", [
-    (["eval", "/no/model", "--text", "/no/file.txt"], "--text /no/file.txt: no such file"),
-    (["quantize", "a"], "quantize needs SRC and DST"),
-    (["quantize", "a", "b", "--num-bits", "5"], "invalid choice: 5"),
-    (["quantize", "a", "b", "--group-size", "100"], "invalid choice: 100"),
-    (["quantize", "a", "b", "--nfl-table"], "--nfl-table needs --nfl"),
-    (["quantize", "a", "b", "--nfl", "--steps", "0"], "'0' is not a positive integer"),
-    (["quantize", "a", "b", "--nfl", "--calibration", "/no/cal.txt"], "--calibration /no/cal.txt: no such file"),
-])
-def test_cli_rejects_bad_flags(argv, message):
-    r = subprocess.run([sys.executable, "-m", "flute_vllm", *argv], capture_output=True, text=True)
-    assert r.returncode == 2 and message in r.stderr
-
-
-def test_quantize_cli_wrong_path():
-    r = subprocess.run([sys.executable, "-m", "flute_vllm", "quantize", "/no/such/model", "/tmp/x"],
-                       capture_output=True, text=True)
-    assert r.returncode != 0 and "does not exist" in r.stderr
-
-
-@pytest.mark.parametrize("cmd", [["--help"], ["quantize", "--help"], ["eval", "--help"], ["smollm2", "--help"]])
-def test_cli_help(cmd):
-    r = subprocess.run([sys.executable, "-m", "flute_vllm", *cmd], capture_output=True, text=True)
-    assert r.returncode == 0 and "usage:" in r.stdout
