@@ -68,7 +68,13 @@ class FluteLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._prepared = None  # moved / cast: re-derive the op layout on next use
-        return super()._apply(fn, recurse)
+        table = self.table
+        super()._apply(fn, recurse)
+        # model.half() / .to(bf16) must not round the table (FLUTE issue #14: a cast table broke
+        # outputs): keep the float32 values, follow only the device
+        if self.table.dtype != torch.float32:
+            self.table = table.to(self.table.device)
+        return self
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

@@ -90,3 +90,10 @@ def test_eval_cli_prints_the_perplexity(tiny_dense, tmp_path):
     ppl = float(r.stdout.split("perplexity")[1].split()[0])
     expected = perplexity(_load_dense(tiny_dense), AutoTokenizer.from_pretrained(tiny_dense), text.read_text(), 64, 32)
     assert ppl == pytest.approx(expected, rel=1e-3)
+
+
+def test_casting_the_model_keeps_tables_float32(tiny_dense):
+    model = hf.prepare_model(_load_dense(tiny_dense), 4, 64, progress=False).to(torch.float16)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.table.dtype == torch.float32 and layer.scales.dtype == torch.float16
+    assert torch.equal(layer.table, hf.resolve_table("nf", 4))
