@@ -115,6 +115,45 @@ def expected_shapes(out_features: int, in_features: int, cfg: FluteQuantConfig) 
     }
 
 
+def check_tp_split(where: str, in_features: int, k_local: int, group_size: int) -> int:
+    """The group size a row-parallel shard of ``k_local`` input features uses; raise if this split
+    would cut a packed word or a scale group. Channel-wise (-1) scales span all of K, so each
+    shard keeps them whole and uses ``G = k_local``."""
+    if in_features % 32 or k_local % 32:
+        raise ValueError(f"{where}: the input size per partition {k_local} is not a multiple of 32, "
+                         "so the packed index words would be split")
+    group = k_local if group_size == -1 else group_size
+    if k_local % group:
+        raise ValueError(f"{where}: group_size={group_size} does not divide the input size per partition "
+                         f"{k_local}; this tensor-parallel size would split a scale group")
+    return group
+
+
+def shard_tensor(name: str, tensor, role: str, bits: int, group_size: int, in_features: int,
+                 rows: tuple[int, int], k_range: tuple[int, int]):
+    """This rank's slice of one format-v1 tensor: output ``rows`` = (start, count) and input
+    features ``k_range`` = (start, count). Every shard is a plain slice (whole words, whole groups).
+    ``role``: "qweight" or "scales" (tables are per sub-layer and are never sliced)."""
+    (r0, nr), (k0, nk) = rows, k_range
+    if role == "qweight":
+        words = packed_words(in_features, bits)
+        if tensor.shape[1] != words:
+            raise ValueError(f"{name}: has {tensor.shape[1]} words per row; K={in_features} at bits={bits} "
+                             f"needs {words} (wrong bits in quantization_config?)")
+        c0, c1 = k0 * bits // 32, (k0 + nk) * bits // 32
+    elif role == "scales":
+        groups = 1 if group_size == -1 else in_features // group_size
+        if tensor.shape[1] != groups:
+            raise ValueError(f"{name}: has {tensor.shape[1]} groups per row; K={in_features} with "
+                             f"group_size={group_size} needs {groups}")
+        c0, c1 = (0, 1) if group_size == -1 else (k0 // group_size, (k0 + nk) // group_size)
+    else:
+        raise ValueError(f"{name}: cannot shard a tensor of role {role!r}")
+    if tensor.shape[0] < r0 + nr:
+        raise ValueError(f"{name}: has {tensor.shape[0]} rows, this shard needs rows {r0}..{r0 + nr}")
+    return tensor[r0 : r0 + nr, c0:c1]
+
+
 def read_quant_config(model_dir: str) -> FluteQuantConfig:
     path = os.path.join(model_dir, "config.json")
     with open(path) as f:
@@ -127,5 +166,5 @@ def read_quant_config(model_dir: str) -> FluteQuantConfig:
 __all__ = [
     "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_GROUP_SIZES", "TENSOR_SUFFIXES",
     "FluteQuantConfig", "check_group_size", "check_layer_shapes", "expected_shapes",
-    "packed_words", "read_quant_config",
+    "packed_words", "read_quant_config", "check_tp_split", "shard_tensor",
 ]

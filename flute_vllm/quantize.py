@@ -25,18 +25,33 @@ def _to_int32_words(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Indices ``[N, K]`` (any integer dtype, values in [0, 2^bits)) -> int32 ``[N, K*bits/32]``."""
+def pack(q: torch.Tensor, bits: int, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """Indices ``[N, K]`` (any integer dtype, values in [0, 2^bits)) -> int32 ``[N, K*bits/32]``.
+
+    Works on row chunks of about ``chunk_elems`` indices, so an 8B/70B layer packs in bounded memory.
+    """
     check_bits(bits)
     _check_indices(q, bits)
     n, k = q.shape
-    q = q.to(torch.int64)
     if q.numel() and (q.min() < 0 or q.max() >= 2**bits):
         raise ValueError(f"indices out of range for {bits} bits: [{int(q.min())}, {int(q.max())}]")
-    # Expand every index into its bits, lay them out as one stream per row, regroup by 32.
-    bit_pos = torch.arange(bits, dtype=torch.int64)
+    out = torch.empty(n, k * bits // WORD_BITS, dtype=torch.int32, device=q.device)
+    rows = max(1, chunk_elems // max(k, 1))
+    for r in range(0, n, rows):
+        out[r : r + rows] = _pack_rows(q[r : r + rows].to(torch.int64), bits)
+    return out
+
+
+def _pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    n, k = q.shape
+    if WORD_BITS % bits == 0:  # b = 2, 4: whole indices per word, OR the shifted fields together
+        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int64, device=q.device)
+        words = (q.view(n, -1, WORD_BITS // bits) << shifts).sum(-1)
+        return _to_int32_words(words)
+    # b = 3: expand every index into its bits, lay them out as one stream per row, regroup by 32.
+    bit_pos = torch.arange(bits, dtype=torch.int64, device=q.device)
     stream = ((q.unsqueeze(-1) >> bit_pos) & 1).reshape(n, k * bits // WORD_BITS, WORD_BITS)
-    weights = torch.ones(WORD_BITS, dtype=torch.int64) << torch.arange(WORD_BITS)
+    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=q.device) << torch.arange(WORD_BITS, device=q.device)
     return _to_int32_words((stream * weights).sum(-1))
 
 

@@ -202,10 +202,13 @@ __device__ __forceinline__ int frag_index(const Frag<BITS>& f, int s, int i) {
   }
 }
 
+// Resident CTAs per SM asked of ptxas (register cap): MT=1 fits 8 in 64 registers, MT=8 needs <= 170.
+template <int MT> struct MinBlocks { static constexpr int value = MT == 1 ? 8 : MT == 2 ? 7 : 3; };
+
 template <int BITS, int MT, int NT, typename T>
-__global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(const GemmParams p) {
   using Ops = TypeOps<T>;
-  constexpr int STAGES = (MT >= 4) ? 4 : 8;  // chunks in flight per warp (power of two)
+  constexpr int STAGES = 4;  // chunks in flight per warp (power of two)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int ntiles = p.N >> 4;
@@ -240,26 +243,10 @@ __global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
   __shared__ __align__(16) uint32_t s_w[kWarpsPerCta][STAGES][NT][32 * BITS];
   __shared__ __align__(16) T s_sc[kWarpsPerCta][STAGES][NT][2][16];
 
-  // 4-bit: FLUTE-style pair table in shared memory, one private copy per lane (conflict-free):
-  // entry e (two 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register.
-  // Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
-  // boundary inside the CTA) decode with byte permutes instead.
-  extern __shared__ __align__(16) uint32_t s_pair[];  // [256][32] when BITS == 4
   const int cta_tile0 = min((int)blockIdx.x * kWarpsPerCta * NT, ntiles - 1);
-  if constexpr (BITS == 4) {
-    const uint32_t* tp = p.tables + (size_t)cta_tile0 * kTableWords;
-    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-      const int i0 = e & 15, i1 = e >> 4;
-      const uint32_t v0 = ((tp[i0 >> 2] >> (8 * (i0 & 3))) & 0xFF) | (((tp[4 + (i0 >> 2)] >> (8 * (i0 & 3))) & 0xFF) << 8);
-      const uint32_t v1 = ((tp[i1 >> 2] >> (8 * (i1 & 3))) & 0xFF) | (((tp[4 + (i1 >> 2)] >> (8 * (i1 & 3))) & 0xFF) << 8);
-      const uint4 v = make_uint4(v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16));
-#pragma unroll
-      for (int q = 0; q < 4; ++q) reinterpret_cast<uint4*>(s_pair + e * 16)[q] = v;
-    }
-    __syncthreads();
-  }
-
-  if (warp_active && cb < ce) {
+  extern __shared__ __align__(16) uint32_t s_pair[];  // [256][16] when BITS == 4 (built below)
+  const bool warp_work = warp_active && cb < ce;
+  {
     ByteTable tb[NT];
     const T* scales = reinterpret_cast<const T*>(p.scales);
 #pragma unroll
@@ -354,11 +341,32 @@ __global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
       }
     };
 
+    if (warp_work) {
 #pragma unroll
-    for (int st = 0; st < STAGES - 1; ++st) {
-      if (cb + st < ce) issue(cb + st, st);
-      cp_async_commit();
+      for (int st = 0; st < STAGES - 1; ++st) {
+        if (cb + st < ce) issue(cb + st, st);
+        cp_async_commit();
+      }
     }
+    // The pair table is built while the prologue's copies are in flight (all threads, one barrier).
+    // 4-bit: FLUTE-style pair table in shared memory, 16 copies (copy = lane & 15, <= 2-way bank conflicts):
+    // entry e (two 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register.
+    // Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
+    // boundary inside the CTA) decode with byte permutes instead.
+    if constexpr (BITS == 4) {
+      const uint32_t* tp = p.tables + (size_t)cta_tile0 * kTableWords;
+      for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+        const int i0 = e & 15, i1 = e >> 4;
+        const uint32_t v0 = ((tp[i0 >> 2] >> (8 * (i0 & 3))) & 0xFF) | (((tp[4 + (i0 >> 2)] >> (8 * (i0 & 3))) & 0xFF) << 8);
+        const uint32_t v1 = ((tp[i1 >> 2] >> (8 * (i1 & 3))) & 0xFF) | (((tp[4 + (i1 >> 2)] >> (8 * (i1 & 3))) & 0xFF) << 8);
+        const uint4 v = make_uint4(v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16));
+#pragma unroll
+        for (int q = 0; q < 4; ++q) reinterpret_cast<uint4*>(s_pair + e * 16)[q] = v;
+      }
+      __syncthreads();
+    }
+    if (warp_work) {  // (loop body not re-indented)
+
     const T* xr[MT];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
@@ -423,6 +431,7 @@ __global__ void __launch_bounds__(128) lut_gemm_kernel(const GemmParams p) {
       }
       slot = (slot + 1) & (STAGES - 1);
     }
+    }  // if (warp_work)
     cp_async_wait<0>();
   }
 

@@ -19,7 +19,7 @@ import torch
 
 from .. import ops
 from ..convert.flute_zoo import FLUTE_CONFIG, flute_weight_to_qweight, is_flute_zoo_config
-from ..format import FORMAT_VERSION, QUANT_METHOD, FluteQuantConfig, check_group_size
+from ..format import FORMAT_VERSION, QUANT_METHOD, FluteQuantConfig, check_group_size, check_tp_split, shard_tensor
 from ..tables import check_bits
 from .compat import (
     LinearBase,
@@ -133,21 +133,9 @@ class FluteLinearMethod(LinearMethodBase):
         k_local = input_size_per_partition
         n_local = sum(output_partition_sizes)
         row_parallel = k_local != input_size
-        channelwise = self.spec.group_size == -1
-        # Channel-wise scales span the whole K: every row-parallel shard keeps all of them.
-        group = k_local if channelwise else self.spec.group_size
         tp = getattr(layer, "tp_size", 1)
         where = f"{self.prefix or 'layer'} (K={input_size}, N={output_size}, TP size {tp})"
-        if input_size % 32 or k_local % 32:
-            raise ValueError(
-                f"{where}: the input size per partition {k_local} is not a multiple of 32, "
-                "so the packed index words would be split"
-            )
-        if k_local % group:
-            raise ValueError(
-                f"{where}: group_size={self.spec.group_size} does not divide the input size per "
-                f"partition {k_local}; this tensor-parallel size would split a scale group"
-            )
+        group = check_tp_split(where, input_size, k_local, self.spec.group_size)
 
         qweight = torch.nn.Parameter(
             torch.empty(n_local, k_local * bits // 32, dtype=torch.int32), requires_grad=False
@@ -265,31 +253,11 @@ class _ShardLoader:
             return
 
         offset, size, src = self._rows(part, shard_id)
-        if self.role == "qweight":
-            if loaded.dtype != torch.int32:
-                raise ValueError(f"{prefix}: expected int32 packed indices, got {loaded.dtype}")
-            c0, c1 = self.k_start * bits // 32, (self.k_start + self.k_local) * bits // 32
-            full_k = self.layer.input_size
-            if loaded.shape[1] != full_k * bits // 32:
-                raise ValueError(
-                    f"{prefix}: has {loaded.shape[1]} words per row; K={full_k} at bits={bits} needs "
-                    f"{full_k * bits // 32} (wrong bits in quantization_config?)"
-                )
-        else:  # scales
-            group = self.layer.flute_group
-            if self.spec.group_size == -1:
-                c0, c1 = 0, 1
-            else:
-                c0, c1 = self.k_start // group, (self.k_start + self.k_local) // group
-            expected_cols = 1 if self.spec.group_size == -1 else self.layer.input_size // group
-            if loaded.shape[1] != expected_cols:
-                raise ValueError(
-                    f"{prefix}: has {loaded.shape[1]} groups per row; K={self.layer.input_size} with "
-                    f"group_size={self.spec.group_size} needs {expected_cols}"
-                )
-        if loaded.shape[0] < src + size:
-            raise ValueError(f"{prefix}: has {loaded.shape[0]} rows, this shard needs rows {src}..{src + size}")
-        param.data[offset : offset + size].copy_(loaded[src : src + size, c0:c1])
+        if self.role == "qweight" and loaded.dtype != torch.int32:
+            raise ValueError(f"{prefix}: expected int32 packed indices, got {loaded.dtype}")
+        local = shard_tensor(prefix, loaded, self.role, bits, self.spec.group_size, self.layer.input_size,
+                             (src, size), (self.k_start, self.k_local))
+        param.data[offset : offset + size].copy_(local)
         param.flute_loaded.add(shard_id)
 
 
