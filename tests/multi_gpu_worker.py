@@ -8,7 +8,7 @@ device. On GPUs it also times every rank's shard (CUDA graph, L2 defeated by rot
 copies) against the unsharded layer and against cuBLAS fp16 on the same shard.
 """
 import os
-import statistics
+import sys
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,8 @@ import torch.distributed as dist
 from flute_vllm import ops
 from flute_vllm.format import check_tp_split, shard_tensor
 from flute_vllm.quantize import pack, quantize_weight
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 # (name, sub-layer output sizes, K, parallel)
 LLAMA3_70B = [("qkv", [8192, 1024, 1024], 8192, "column"), ("o", [8192], 8192, "row"),
@@ -54,33 +56,7 @@ def local_tensors(name, subs, k, bits, group_size, parallel, rank, world):
     return torch.cat(qs).contiguous(), torch.cat(ss).contiguous(), tables, ends, group, (k0, k_local)
 
 
-def _time_us(fn, reps=20, replays=5):
-    """Median time of one call: ``reps`` calls captured in one CUDA graph, several replays."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(reps):
-            fn(i)
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return statistics.median(times)
-
-
-def _timer(args_list, call):
-    """fn(i) cycles over copies of the weights so that timing reads them from HBM, not L2."""
-    def fn(i=0):
-        return call(*args_list[i % len(args_list)])
-    return fn
-
-
-def run_rank(rank, world, port, backend, configs, shapes_name, ms, results, timing=False):
+def run_rank(rank, world, port, backend, configs, shapes_name, ms, timing, results):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
@@ -132,11 +108,13 @@ def _time_layer(name, parts, k, bits, group_size, dtype, m, x, full, full_ends, 
     nbytes = local[0].numel() * 4 + local[1].numel() * local[1].element_size()
     copies = max(1, min(8, (240 << 20) // max(nbytes, 1) + 1))
     loc = [tuple(t.clone() for t in local) for _ in range(copies)]
-    ours = _time_us(_timer([(x_local, *w) for w in loc], lambda xx, q, s, t: ops.lut_linear(xx, q, s, t, ends, bits, group)))
-    unsharded = _time_us(_timer([(x, *full)], lambda xx, q, s, t: ops.lut_linear(xx, q, s, t, full_ends, bits, g_full)))
+    from kernel import time_graph  # benchmarks/kernel.py: the project's CUDA-graph timer
+
+    ours = time_graph([lambda w=w: ops.lut_linear(x_local, *w, ends, bits, group) for w in loc], 200)
+    unsharded = time_graph([lambda: ops.lut_linear(x, *full, full_ends, bits, g_full)], 200)
     dense = [torch.randn(n_local, kl, device=device, dtype=torch.float16) for _ in range(max(1, copies // 4))]
     xh = x_local.half()
-    cublas = _time_us(_timer([(w,) for w in dense], lambda w: torch.nn.functional.linear(xh, w)))
+    cublas = time_graph([lambda w=w: torch.nn.functional.linear(xh, w) for w in dense], 200)
     return {"gpu": torch.cuda.get_device_name(device), "tp": world, "layer": name, "bits": bits,
             "group_size": group_size, "dtype": str(dtype).replace("torch.", ""), "M": m, "N_local": n_local,
             "K_local": kl, "us": ours, "unsharded_us": unsharded, "cublas_fp16_shard_us": cublas,

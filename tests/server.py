@@ -1,19 +1,14 @@
 """Start vLLM's OpenAI server (through one of our launchers) for a test and stop it afterwards."""
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from spawn import free_port
+
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "auto"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -8,36 +8,18 @@ over gloo with small shapes, so the code path is checked on every CI run.
 """
 import json
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from multi_gpu_worker import run_rank
+from spawn import run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(world, backend, configs, shapes, ms, timing=False):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=run_rank, args=(r, world, port, backend, configs, shapes, ms, results, timing))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    outs = dict(results.get(timeout=1800) for _ in range(world))
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
-    return outs
+    return run_ranks(run_rank, world, backend, configs, shapes, ms, timing)
 
 
 def test_tp_worker_on_cpu():

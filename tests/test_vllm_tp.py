@@ -1,35 +1,17 @@
 """Tensor parallelism of the flute linear method: TP=2 over gloo equals TP=1 and the reference."""
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("vllm")
 
+from spawn import run_ranks  # noqa: E402
 from tp_worker import CONFIGS, HEAD, HEADS, KV_HEADS, HIDDEN, make_checkpoint, run_rank  # noqa: E402
 
 from flute_vllm.quantize import dequantize  # noqa: E402
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(world):
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=run_rank, args=(r, world, port, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    outs = dict(results.get(timeout=600) for _ in range(world))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return outs
+    return run_ranks(run_rank, world, timeout=600)
 
 
 def _dense(t, bits, group_size):
