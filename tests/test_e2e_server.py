@@ -36,6 +36,9 @@ def test_serve_quantized_smollm2_and_compare_perplexity(smollm2_dirs):
         answer = c.choices[0].text
         assert answer.strip(), "empty completion"
         assert "Paris" in answer
+        stream = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
+                                           temperature=0, stream=True)
+        assert "".join(chunk.choices[0].text for chunk in stream) == answer
         chat = client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=16, temperature=0)

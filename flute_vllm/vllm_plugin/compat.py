@@ -18,7 +18,16 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs  # noqa: F401
 
 
-def current_platform_is_cuda() -> bool:
-    from vllm.platforms import current_platform
+def layer_tp(layer) -> tuple[int, int]:
+    """(rank, size) of the layer's tensor-parallel group. Layers carry ``tp_rank``/``tp_size`` in
+    recent vLLM (and 1/0 when built with ``disable_tp``); older releases only had the global group."""
+    if hasattr(layer, "tp_rank") and hasattr(layer, "tp_size"):
+        return layer.tp_rank, layer.tp_size
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 
-    return current_platform.is_cuda()
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+
+
+def kv_head_replicas(layer) -> int:
+    """How many TP ranks share one KV head of a QKVParallelLinear (1 when KV heads are split)."""
+    return getattr(layer, "num_kv_head_replicas", 1)

@@ -27,6 +27,8 @@ from .compat import (
     QKVParallelLinear,
     QuantizationConfig,
     UnquantizedLinearMethod,
+    kv_head_replicas,
+    layer_tp,
     register_quantization_config,
     set_weight_attrs,
 )
@@ -133,7 +135,7 @@ class FluteLinearMethod(LinearMethodBase):
         k_local = input_size_per_partition
         n_local = sum(output_partition_sizes)
         row_parallel = k_local != input_size
-        tp = getattr(layer, "tp_size", 1)
+        rank, tp = layer_tp(layer)
         where = f"{self.prefix or 'layer'} (K={input_size}, N={output_size}, TP size {tp})"
         group = check_tp_split(where, input_size, k_local, self.spec.group_size)
 
@@ -144,7 +146,7 @@ class FluteLinearMethod(LinearMethodBase):
         table = torch.nn.Parameter(
             torch.empty(len(output_partition_sizes), 2**bits, dtype=torch.float32), requires_grad=False
         )
-        k_start = layer.tp_rank * k_local if row_parallel else 0
+        k_start = rank * k_local if row_parallel else 0
         params = {"qweight": qweight, "scales": scales, "table": table}
         if "ignored" in self.names:  # accepted from the checkpoint, then dropped
             params["ignored"] = torch.nn.Parameter(torch.empty(0), requires_grad=False)
@@ -227,11 +229,11 @@ class _ShardLoader:
         if part is None:
             n_local = sum(parts)
             sharded = n_local != layer.output_size
-            return 0, n_local, (layer.tp_rank * n_local if sharded else 0)
+            return 0, n_local, (layer_tp(layer)[0] * n_local if sharded else 0)
         offset, size = sum(parts[:part]), parts[part]
-        rank = layer.tp_rank
+        rank = layer_tp(layer)[0]
         if isinstance(layer, QKVParallelLinear) and shard_id in ("k", "v"):
-            rank = layer.tp_rank // layer.num_kv_head_replicas  # KV heads replicated over ranks
+            rank //= kv_head_replicas(layer)  # KV heads replicated over ranks
         return offset, size, rank * size
 
     def __call__(self, param: torch.nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
