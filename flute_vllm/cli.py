@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     nfl.add_argument("--nfl-table", action="store_true", help="with --nfl: learn each layer's table too")
     nfl.add_argument("--calibration", default=None,
                      help="calibration text file (default: the Python docs bundled with CPython)")
-    nfl.add_argument("--samples", type=_positive, default=32, help="calibration windows")
-    nfl.add_argument("--seq-len", type=_positive, default=256, help="tokens per calibration window")
-    nfl.add_argument("--steps", type=_positive, default=50, help="optimizer steps per decoder block")
+    nfl.add_argument("--samples", type=_positive, default=16, help="calibration windows")
+    nfl.add_argument("--seq-len", type=_positive, default=128, help="tokens per calibration window")
+    nfl.add_argument("--steps", type=_positive, default=20, help="optimizer steps per decoder block")
     nfl.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate of the log-scales")
 
     e = sub.add_parser("eval", help="perplexity of a dense or flute model on a text (sliding window)")

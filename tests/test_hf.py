@@ -97,3 +97,34 @@ def test_casting_the_model_keeps_tables_float32(tiny_dense):
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.table.dtype == torch.float32 and layer.scales.dtype == torch.float16
     assert torch.equal(layer.table, hf.resolve_table("nf", 4))
+
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 32}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 32, "query_pre_attn_scalar": 32}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_model_families_quantize_save_load_generate(family, tmp_path):
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    config = getattr(transformers, config_cls)(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=512, max_position_embeddings=256, **extra)
+    torch.manual_seed(0)
+    dense = getattr(transformers, model_cls)(config).float().eval()
+    model = hf.prepare_model(dense, 4, 64, progress=False)
+    n_flute = sum(isinstance(m, hf.FluteLinear) for m in model.modules())
+    assert n_flute == 2 * 7, f"{family}: {n_flute} FluteLinear layers"
+    hf.save_pretrained(model, str(tmp_path))
+    loaded = hf.from_pretrained(str(tmp_path), device="cpu", dtype=torch.float32)
+    ids = torch.tensor([[3, 17, 100, 42]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
