@@ -188,6 +188,22 @@ __device__ __forceinline__ void decode_pair(uint32_t w, uint32_t pair_lane, uint
   }
 }
 
+// Mixed 4-bit decode (v6): a[0], a[1] through the pair table, a[2], a[3] by byte permutes in
+// registers. Moves work from the L1/shared-memory pipe (90% busy at M=1 in ncu, the pair-table
+// loads have 2-way bank conflicts) to the ALU pipe, which has headroom.
+__device__ __forceinline__ void decode_mixed(uint32_t w, uint32_t pair_lane, const ByteTable& tb, uint32_t a[4]) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint32_t idx = prmt(w, 0u, 0x4440u | j);
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * 64u + pair_lane));
+  }
+  const uint32_t ch = (w & 0x77777777u) >> 16;
+  const uint32_t m = prmt(w << 4, w, 0xFBEA);
+  const uint32_t la = prmt(tb.lo[0], tb.lo[1], ch), lb = prmt(tb.lo[2], tb.lo[3], ch);
+  const uint32_t ha = prmt(tb.hi[0], tb.hi[1], ch), hb = prmt(tb.hi[2], tb.hi[3], ch);
+  interleave((la & ~m) | (lb & m), (ha & ~m) | (hb & m), a[2], a[3]);
+}
+
 // Index of element i (0..7) of k-step s from a lane's fragment (used by the dequant kernel).
 template <int BITS>
 __device__ __forceinline__ int frag_index(const Frag<BITS>& f, int s, int i) {
@@ -404,7 +420,10 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
   {                                                                                             \
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
-      if (BITS == 4 && use_pair[nt]) decode_pair<S>(f[nt].w[S & (BITS - 1)], pair_lane, a);     \
+      if (BITS == 4 && use_pair[nt]) {                                                          \
+        if (S & 1) decode_mixed(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a);                 \
+        else decode_pair<S>(f[nt].w[S & (BITS - 1)], pair_lane, a);                             \
+      }                                                                                         \
       else decode<BITS, S>(f[nt], tb[nt], a);                                                   \
       _Pragma("unroll") for (int mt = 0; mt < MT; ++mt) {                                       \
         const uint4& xv = (S < 2) ? xa[mt] : xb[mt];                                            \
