@@ -7,10 +7,12 @@ straight-through estimator: the indices are recomputed without gradient at every
 gradient flows through ``table[idx] * scale`` to the scale (and table). Blocks see the outputs of
 the already-quantized blocks before them, so errors do not compound unseen.
 
-Scales are learned in log space (``s = s0 * exp(u)``), so one learning rate suits every layer.
+Scales are learned in log space (``s = s0 * exp(u)``), so one learning rate suits every layer;
+``u`` starts at the per-group clipping factor with the least weight error (a grid search).
 """
 from __future__ import annotations
 
+import math
 import random
 from typing import Optional, Sequence
 
@@ -36,13 +38,27 @@ class _LearnableLUTLinear(nn.Module):
         self.register_buffer("w", w.view(n, k // group_size, group_size))
         s0 = self.w.abs().amax(-1) / table.abs().max()
         self.register_buffer("s0", torch.where(s0 == 0, torch.full_like(s0, 1e-8), s0))
-        self.log_scale = nn.Parameter(torch.zeros_like(s0))
+        self.log_scale = nn.Parameter(self._clip_search(table))
         if learn_table:
             self.table = nn.Parameter(table.clone().float())
         else:
             self.register_buffer("table", table.clone().float())
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.bits = bits
+
+    @torch.no_grad()
+    def _clip_search(self, table: torch.Tensor, factors=torch.linspace(0.5, 1.0, 11)) -> torch.Tensor:
+        """Per group, the shrink of the absmax scale with the least weight MSE: the starting point
+        of the learned log-scales (matters most at 2-3 bits, where clipping outliers pays)."""
+        best_err = torch.full_like(self.s0, float("inf"))
+        best = torch.zeros_like(self.s0)
+        for f in factors.tolist():
+            s = (self.s0 * f).unsqueeze(-1)
+            err = ((table[codes_for(self.w / s, table)] * s - self.w) ** 2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, math.log(f)), best)
+        return best
 
     def scales(self) -> torch.Tensor:
         return self.s0 * self.log_scale.exp()
