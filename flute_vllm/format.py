@@ -93,6 +93,14 @@ class FluteQuantConfig:
         return in_features if self.group_size == -1 else self.group_size
 
 
+def is_listed(module_name: str, modules_to_not_convert) -> bool:
+    """Does ``modules_to_not_convert`` name this module? Entries match whole dotted components:
+    "lm_head", "mlp" or "layers.1.self_attn" match "model.layers.1.self_attn.o_proj"-style names,
+    "layers.1" does not match "layers.10"."""
+    padded = f".{module_name}."
+    return any(f".{entry}." in padded for entry in modules_to_not_convert)
+
+
 def packed_words(in_features: int, bits: int) -> int:
     return in_features * bits // 32
 
@@ -166,5 +174,5 @@ def read_quant_config(model_dir: str) -> FluteQuantConfig:
 __all__ = [
     "QUANT_METHOD", "FORMAT_VERSION", "SUPPORTED_GROUP_SIZES", "TENSOR_SUFFIXES",
     "FluteQuantConfig", "check_group_size", "check_layer_shapes", "expected_shapes",
-    "packed_words", "read_quant_config", "check_tp_split", "shard_tensor",
+    "packed_words", "read_quant_config", "is_listed", "check_tp_split", "shard_tensor",
 ]

@@ -13,13 +13,13 @@ Any model whose projections are ``nn.Linear`` works (Llama, Mistral, Qwen2/3, Ge
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import ops
-from .format import QUANT_METHOD, FluteQuantConfig, check_layer_shapes
+from .format import QUANT_METHOD, FluteQuantConfig, check_layer_shapes, is_listed
 from .quantize import pack, quantize_weight
 from .tables import resolve_table
 
@@ -77,14 +77,10 @@ class FluteLinear(nn.Module):
         return self
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or name.endswith("." + p) or ("." + p + ".") in ("." + name + ".") for p in patterns)
-
-
 def linear_layers(model: nn.Module, cfg: FluteQuantConfig) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` layers to quantize: all but ``modules_to_not_convert``."""
     layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and not _matches(n, cfg.modules_to_not_convert)]
+              if isinstance(m, nn.Linear) and not is_listed(n, cfg.modules_to_not_convert)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to quantize "
                          f"(modules_to_not_convert={cfg.modules_to_not_convert})")

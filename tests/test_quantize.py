@@ -87,3 +87,13 @@ def test_zero_group_is_exact():
     w_hat = dequantize(pack(q, 4), s, make_table("nf", 4), 4, 32)
     assert torch.equal(w_hat[0], torch.zeros(64))
     assert torch.isfinite(w_hat).all()
+
+
+def test_modules_to_not_convert_match_whole_components():
+    from flute_vllm.format import is_listed
+
+    assert is_listed("lm_head", ["lm_head"])
+    assert is_listed("model.layers.1.self_attn.o_proj", ["layers.1.self_attn"])
+    assert is_listed("model.layers.1.mlp.down_proj", ["mlp"])
+    assert not is_listed("model.layers.10.self_attn.o_proj", ["layers.1"])
+    assert not is_listed("model.layers.0.mlp.down_proj", ["down"])

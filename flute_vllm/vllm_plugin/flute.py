@@ -19,7 +19,9 @@ import torch
 
 from .. import ops
 from ..convert.flute_zoo import FLUTE_CONFIG, flute_weight_to_qweight, is_flute_zoo_config
-from ..format import FORMAT_VERSION, QUANT_METHOD, FluteQuantConfig, check_group_size, check_tp_split, shard_tensor
+from ..format import (
+    FORMAT_VERSION, QUANT_METHOD, FluteQuantConfig, check_group_size, check_tp_split, is_listed, shard_tensor,
+)
 from ..tables import check_bits
 from .compat import (
     LinearBase,
@@ -89,7 +91,7 @@ class FluteConfig(QuantizationConfig):
         proj = prefix.rsplit(".", 1)[-1]
         subs = self.packed_modules_mapping.get(proj, [proj])
         names = [prefix[: len(prefix) - len(proj)] + s for s in subs]
-        skipped = [any(n == m or n.endswith("." + m) or ("." + m + ".") in n for m in self.spec.modules_to_not_convert) for n in names]
+        skipped = [is_listed(n, self.spec.modules_to_not_convert) for n in names]
         if any(skipped) and not all(skipped):
             raise ValueError(
                 f"{prefix}: modules_to_not_convert lists only some of the fused sub-layers {subs}; "
