@@ -61,6 +61,19 @@ def write_checkpoint(
     return dst
 
 
+def load_state_dict_dir(model_dir: str) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's *.safetensors files, in one dict."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(os.path.join(model_dir, f)))
+    return state
+
+
 def _is_hub_id(src: str) -> bool:
     return not src.startswith((".", "/", "~")) and src.count("/") == 1
 

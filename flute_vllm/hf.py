@@ -162,18 +162,6 @@ def _resolve_dir(path_or_id: str, revision: Optional[str] = None) -> str:
                              allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model", "*.txt"])
 
 
-def _load_safetensors(model_dir: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(os.path.join(model_dir, f)))
-    return state
-
-
 def from_pretrained(path_or_id: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None,
                     revision: Optional[str] = None, **hf_kwargs) -> nn.Module:
     """Load a flute checkpoint into a transformers causal LM whose linear layers run the flute op.
@@ -197,7 +185,9 @@ def from_pretrained(path_or_id: str, device: Optional[str] = None, dtype: Option
     # Untouched torch.empty pages cost no memory: the dense weights we replace are never materialised.
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, **hf_kwargs)
-    state = _load_safetensors(model_dir)
+    from .checkpoint import load_state_dict_dir
+
+    state = load_state_dict_dir(model_dir)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and f"{name}.qweight" in state:
             layer = FluteLinear(module.in_features, module.out_features, cfg.bits,

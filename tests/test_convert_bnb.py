@@ -11,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+
+from flute_vllm.checkpoint import load_state_dict_dir
 import torch
 
 from flute_vllm.convert.bnb import Bnb4bitState, bnb_code, convert_4bit_weight, convert_dir, convert_model
@@ -172,21 +174,11 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-def _flute_layers(path):
-    from safetensors.torch import load_file
-
-    sd = {}
-    for f in os.listdir(path):
-        if f.endswith(".safetensors"):
-            sd.update(load_file(os.path.join(path, f)))
-    return sd
-
-
 def _check_converted(out, expected: dict, table_kind, blocksize, dense: dict):
     cfg = read_quant_config(out)
     assert (cfg.bits, cfg.group_size, cfg.table) == (4, blocksize, table_kind)
     assert cfg.modules_to_not_convert == ["lm_head"]
-    sd = _flute_layers(out)
+    sd = load_state_dict_dir(out)
     for prefix, (ref, dtype) in expected.items():
         assert f"{prefix}.weight" not in sd
         d = dequantize(sd[f"{prefix}.qweight"], sd[f"{prefix}.scales"], sd[f"{prefix}.table"], 4, cfg.group_size)
@@ -230,13 +222,13 @@ def test_convert_transformers_bnb_model(dense_dir, tmp_path, quant_type, nested)
     out = convert_dir(src, str(tmp_path / "flute"))
     _check_converted(out, expected, "nf" if quant_type == "nf4" else "custom", 64, dense)
     if not nested:  # plain absmax: bit-exact in bf16 too
-        sd = _flute_layers(out)
+        sd = load_state_dict_dir(out)
         p = "model.layers.1.mlp.down_proj"
         assert torch.equal(dequantize(sd[f"{p}.qweight"], sd[f"{p}.scales"], sd[f"{p}.table"], 4, 64).bfloat16(), expected[p][0])
 
     # The loaded model converts to the same tensors as its saved directory.
     out2 = convert_model(model, str(tmp_path / "flute-from-model"))
-    a, b = _flute_layers(out), _flute_layers(out2)
+    a, b = load_state_dict_dir(out), load_state_dict_dir(out2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_quant_config(out2) == read_quant_config(out)
 
@@ -281,7 +273,7 @@ def test_convert_reference_serialized_dir(dense_dir, tmp_path, quant_type, neste
     expected, dense = _write_reference_bnb_dir(dense_dir, src, quant_type, nested, blocksize)
     out = convert_dir(src, str(tmp_path / "flute"))
     _check_converted(out, expected, "nf" if quant_type == "nf4" else "custom", blocksize, dense)
-    sd = _flute_layers(out)
+    sd = load_state_dict_dir(out)
     assert torch.equal(sd["model.layers.0.mlp.up_proj.table"], bnb_code(quant_type))
     if quant_type == "nf4":
         assert torch.equal(sd["model.layers.0.mlp.up_proj.table"], nf_table(4))
@@ -295,7 +287,7 @@ def test_cli_convert_bnb(dense_dir, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert read_quant_config(dst).table == "nf"
-    assert _flute_layers(dst)["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float32
+    assert load_state_dict_dir(dst)["model.layers.0.self_attn.q_proj.scales"].dtype == torch.float32
 
     from flute_vllm.cli import main
 

@@ -7,6 +7,8 @@ import json
 import os
 
 import pytest
+
+from flute_vllm.checkpoint import load_state_dict_dir
 import torch
 
 from flute_vllm.convert import flute_zoo as fz
@@ -150,16 +152,6 @@ def _dense_llama(path, kv_heads):
     return model
 
 
-def _load(path):
-    from safetensors.torch import load_file
-
-    sd = {}
-    for f in os.listdir(path):
-        if f.endswith(".safetensors"):
-            sd.update(load_file(os.path.join(path, f)))
-    return sd
-
-
 @pytest.mark.parametrize("bits,group_size,kv_heads", [(4, 64, 4), (2, 128, 4), (3, 64, 8)])
 def test_zoo_checkpoint_converts_exactly(tmp_path, bits, group_size, kv_heads):
     dense_dir = str(tmp_path / "dense")
@@ -170,7 +162,7 @@ def test_zoo_checkpoint_converts_exactly(tmp_path, bits, group_size, kv_heads):
     assert read_flute_config(zoo) == {"num_sms": 108, "num_bits": bits, "group_size": group_size}
     with open(os.path.join(zoo, "config.json")) as f:
         assert "quantization_config" not in json.load(f)
-    zsd = _load(zoo)
+    zsd = load_state_dict_dir(zoo)
     p0 = "model.layers.0.mlp.gate_proj"
     assert zsd[f"{p0}.weight"].dtype == torch.int16 and zsd[f"{p0}.weight"].shape == (1024 * bits // 16, 512)
     assert zsd[f"{p0}.tables"].dtype == torch.bfloat16 and zsd[f"{p0}.tables2"].shape == (2**bits, 2**bits, 1)
@@ -178,7 +170,7 @@ def test_zoo_checkpoint_converts_exactly(tmp_path, bits, group_size, kv_heads):
     out = convert_dir(zoo, str(tmp_path / "flute"))
     cfg = read_quant_config(out)
     assert (cfg.bits, cfg.group_size, cfg.table, cfg.modules_to_not_convert) == (bits, group_size, "custom", ["lm_head"])
-    sd = _load(out)
+    sd = load_state_dict_dir(out)
     table = nf_table(bits).to(torch.bfloat16).float()  # FLUTE stores tables in the model dtype
     for i in range(2):
         for lin in LINEARS:
