@@ -1,9 +1,9 @@
 """Kernel benchmark (DESIGN.md "How to benchmark the kernel").
 
 Same process, same run: cuBLAS (``F.linear`` in the record's dtype), torch's int4 tinygemm
-(``aten._weight_int4pack_mm``, bf16, W4 only), and ours (``flute``: the LUT kernel; ``flute_dense``:
-our dequantize + cuBLAS fallback, timed at M >= 256 to place the switch). humming-kernels is not
-run (see kernels/NOTES.md).
+(``aten._weight_int4pack_mm``, bf16, W4 only), and ours (``flute``: the mma.sync LUT kernel;
+``flute_tc``: the sm_90a wgmma tensor-core kernel, timed at M >= 16 on Hopper; ``flute_dense``: our
+dequantize + cuBLAS fallback, timed at M >= 256). humming-kernels is not run (see kernels/NOTES.md).
 
 L2 is defeated by rotating over R weight copies with R x bytes >= 4 x L2; many calls are captured
 in one CUDA graph, timed with CUDA events, and the median per-call time of several replays is
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flute_vllm import cuda_op  # noqa: E402
 
-HBM_BW = 3.06e12  # measured read-only bandwidth of the H100 (DESIGN.md); the roofline
+HBM_BW = 3.06e12  # read-only bandwidth of the H100 (DESIGN.md); replaced by a measurement at start
 SHAPES = {  # name: (N, K)
     "8B-qkv": (6144, 4096), "8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "8B-down": (4096, 14336),
     "70B-qkv": (10240, 8192), "70B-o": (8192, 8192), "70B-gate_up": (57344, 8192), "70B-down": (8192, 28672),
@@ -42,7 +42,7 @@ for _name in FULL:  # TP=2 slices: column-parallel halves N, row-parallel halves
     SHAPES[_name + "/tp2"] = (_n // 2, _k) if _name.endswith(("qkv", "gate_up")) else (_n, _k // 2)
 # The streaming floor (µs) for W4 g128 at M=1 on the H100 (DESIGN.md), full shapes only.
 FLOOR_US = dict(zip(FULL, (5.9, 4.5, 20.9, 11.3, 15.4, 12.7, 78.1, 40.0)))
-MS = (1, 4, 16, 64, 256, 1024, 4096)
+MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
 
 
 def gpu_name() -> str:
@@ -88,6 +88,22 @@ def time_graph(fns, calls_hint: int, replays: int = 7) -> float:
     return statistics.median(times)
 
 
+def measure_read_bw() -> float:
+    """Bytes/s of a read-only streaming reduction over 4 GiB (the roofline of this GPU)."""
+    x = torch.empty(1 << 30, dtype=torch.float32, device="cuda").uniform_()
+    best = float("inf")
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        x.sum()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) * 1e-3)
+    del x
+    torch.cuda.empty_cache()
+    return (4 << 30) / best
+
+
 def copies_for(nbytes: int) -> int:
     return max(1, math.ceil(4 * l2_bytes() / max(1, nbytes)))
 
@@ -108,7 +124,7 @@ class Layer:
         self.n, self.k, self.bits, self.g, self.dtype = n, k, bits, g, dtype
 
 
-def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=(256, 1024, 4096)):
+def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=(256, 1024, 4096, 8192)):
     dev = torch.device("cuda")
     layer = Layer(n, k, bits, g, dtype)
     cublas_t = {}
@@ -140,11 +156,14 @@ def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=
         if "flute" in kernels:
             results["flute"] = time_graph(
                 [lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut") for c in layer.copies], 200)
+        if "flute" in kernels and m >= 16 and cuda_op.tc_available(torch.cuda.current_device()):
+            results["flute_tc"] = time_graph(
+                [lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="tc") for c in layer.copies], 100)
         if "flute" in kernels and m in dense_ms:
             results["flute_dense"] = time_graph(
                 [lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="dense") for c in layer.copies], 50)
         base = results.get("cublas")
-        floor = FLOOR_US.get(name) if (bits == 4 and g == 128 and m == 1) else None
+        floor = FLOOR_US.get(name) if (bits == 4 and g == 128 and m == 1 and "H100" in gpu) else None
         for kern, us in results.items():
             rec = dict(row, kernel=kern, us=round(us, 3),
                        speedup_vs_cublas=round(base / us, 3) if base else None,
@@ -177,8 +196,10 @@ def best_flute(recs):
 def write_markdown(records, path, gpu):
     lines = [f"# flute kernel benchmark on {gpu}", "",
              "Times in µs (median per call of a CUDA graph of many calls, L2 defeated by rotating weight copies). "
-             "`flute` is the LUT kernel; `flute_dense` is dequantize + cuBLAS (measured at M >= 256); "
-             "`best` takes the faster of the two per case. Speedup is vs cuBLAS `F.linear` in the same dtype, same run.",
+             "`flute` is the mma.sync LUT kernel; `flute_tc` the sm_90a wgmma kernel (M >= 16, Hopper); "
+             "`flute_dense` is dequantize + cuBLAS (measured at M >= 256); "
+             "`best` takes the fastest of ours per case. Speedup is vs cuBLAS `F.linear` in the same dtype, same run. "
+             f"Roofline: {HBM_BW / 1e12:.2f} TB/s read bandwidth measured in the same run (4 GiB sum).",
              ""]
     best = best_flute(records)
     combos = sorted({(r["dtype"], r["bits"], r["group_size"]) for r in records})
@@ -216,7 +237,7 @@ def write_markdown(records, path, gpu):
                   "| shape | N | K | kernel | " + " | ".join(f"M={m}" for m in ms) + " |",
                   "|---|---|---|---|" + "---|" * len(ms)]
         for s in SHAPES:
-            for kern in ("cublas", "tinygemm", "flute", "flute_dense"):
+            for kern in ("cublas", "tinygemm", "flute", "flute_tc", "flute_dense"):
                 cells, any_ = [], False
                 for m in ms:
                     r = next((r for r in rows if r["shape"] == s and r["M"] == m and r["kernel"] == kern), None)
@@ -251,6 +272,11 @@ def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16
                 us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", splits=sp)
                                  for c in layer.copies], 200)
                 cells.append(f"{'auto=' + str(auto) if sp is None else sp}:{us:.1f}")
+            if m >= 16 and cuda_op.tc_available(0):
+                for bm in (64, 128, 256):
+                    us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="tc", block_m=bm)
+                                     for c in layer.copies], 100)
+                    cells.append(f"tc{bm}:{us:.1f}")
             if m >= 33:
                 for mt in (4, 8):
                     us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", m_tiles=mt)
@@ -271,12 +297,16 @@ def main(argv=None):
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--plan", default="full", choices=["full", "quick", "core"])
     ap.add_argument("--tune", default="", help="comma-separated shapes: split-K sweep only")
+    ap.add_argument("--tune-ms", default="1,16,64", help="M values for --tune")
     args = ap.parse_args(argv)
     if args.tune:
-        tune([t for t in args.tune.split(",") if t])
+        tune([t for t in args.tune.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")))
         return
     plan = "quick" if args.quick else args.plan
     gpu = gpu_name()
+    global HBM_BW
+    HBM_BW = measure_read_bw()
+    print(f"{gpu}: read bandwidth {HBM_BW / 1e12:.2f} TB/s", flush=True)
     names = [s for s in args.shapes.split(",") if s]
     torch.backends.cuda.matmul.allow_tf32 = False
     records = []

@@ -192,6 +192,7 @@ def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: in
         dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
         for mt in (1, 2, 4, 8):
             _ctas_per_sm(bits, mt, str(scales.dtype).split(".")[-1], dev_index)
+        tc_available(dev_index)
     return qweight_k, scales_k, tables_k
 
 
@@ -220,6 +221,10 @@ def device_config(device_index: int) -> dict:
         "min_chunks_per_split": 4,
         "max_splits": 32,
         "dequant_min_m": 65,
+        "tc_min_m": 33,
+        "tc_max_m": 192,
+        "tc_block_m": [[64, 64], [128, 128], [1 << 30, 256]],
+        "tc_overhead_chunks": 2.0,
     }
     chosen = None
     for cfg in _all_configs():
@@ -280,6 +285,67 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
     return {"m_tiles": mt, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "m_chunks": m_chunks}
 
 
+@lru_cache(maxsize=None)
+def tc_available(device_index: int) -> bool:
+    """Whether the tensor-core (sm_90a wgmma) path runs on this device. Probed once, synchronously."""
+    if torch.cuda.get_device_capability(device_index)[0] != 9:
+        return False
+    return bool(_ext().wgmma_supported(device_index))
+
+
+TC_ROWS_PER_CTA = 128  # kernels/flute_kernel.h kWgmmaRowsPerCta
+
+
+def permute_activations(x: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` -> ``[M, Kp]`` in the kernel layout's K order (zero pad), for the tensor-core path.
+
+    Inside a 64-wide chunk, real k pair r = b0 + 2 b1 + 4 (b2 + 2 b3) + 16 b4 sits at pair slot
+    16 b4 + 8 b1 + 4 b0 + (b2 + 2 b3): the order in which the kernel layout's A fragments meet
+    k (see _pack_kernel_layout), so that wgmma's B operand is plain 16-byte pieces.
+    """
+    m, k = x.shape
+    kp = _padded_k(k)
+    if kp != k:
+        x = torch.nn.functional.pad(x, (0, kp - k))
+    # [M, chunk, b4, b23, b1, b0, 2] -> [M, chunk, b4, b1, b0, b23, 2]
+    return x.reshape(m, kp // CHUNK_K, 2, 4, 2, 2, 2).permute(0, 1, 2, 4, 5, 3, 6).reshape(m, kp)
+
+
+def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, splits: Optional[int] = None) -> dict:
+    """Launch plan of the tensor-core path: activation rows per CTA (64/128/256) and split-K.
+
+    block_m: the first ``[max_m, block_m]`` entry of ``cfg["tc_block_m"]`` with M <= max_m. Split-K
+    minimises the same wave model as :func:`plan` (2 resident CTAs per SM for block_m 64/128, 1 for 256).
+    """
+    if block_m is None:
+        block_m = next(b for lim, b in cfg["tc_block_m"] if m <= lim)
+    if block_m not in (64, 128, 256):
+        _fail(f"block_m={block_m} must be 64, 128 or 256")
+    grid_x = -(-n // TC_ROWS_PER_CTA)
+    grid_y = -(-m // block_m)
+    nch = _padded_k(k) // CHUNK_K
+    if splits is None:
+        resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
+        slots = max(1, cfg["sm_count"] * resident)
+        base = grid_x * grid_y
+        overhead = float(cfg.get("tc_overhead_chunks", 2.0))
+        max_s = max(1, min(nch // max(1, cfg["min_chunks_per_split"]), cfg["max_splits"]))
+        best = None
+        for s in range(1, max_s + 1):
+            cps = -(-nch // s)
+            s_eff = -(-nch // cps)
+            cost = -(-(base * s_eff) // slots) * (cps + overhead)
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, s_eff)
+        splits = best[1]
+    splits = max(1, min(int(splits), nch))
+    if grid_x * grid_y > COUNTER_SLOTS:
+        splits = 1
+    cps = -(-nch // splits)
+    splits = -(-nch // cps)
+    return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y}
+
+
 # ----------------------------------------------------------------------------------------------
 # the op
 
@@ -331,14 +397,41 @@ def dequantize_kernel_layout(qweight, scales, tables, bits, group_size, k, dtype
     return w
 
 
-def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None):
+def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int) -> str:
+    """``lut`` (mma.sync decode kernel), ``tc`` (sm_90a wgmma kernel) or ``dense`` (dequantize + cuBLAS)."""
+    if dtype == torch.float32:
+        return "dense"
+    if cfg["tc_min_m"] <= m <= cfg["tc_max_m"] and tc_available(device_index):
+        return "tc"
+    return "dense" if m >= cfg["dequant_min_m"] else "lut"
+
+
+def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None):
     """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
     m, k = x.shape
     n = scales.shape[0]
     if m == 0:
         return x.new_empty((0, n))
-    cfg = device_config(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    path = force_path or ("dense" if (x.dtype == torch.float32 or m >= cfg["dequant_min_m"]) else "lut")
+    dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    cfg = device_config(dev_index)
+    path = force_path or choose_path(m, x.dtype, cfg, dev_index)
+    if path == "tc":
+        if not tc_available(dev_index):
+            _fail("the tensor-core path needs an sm_90 (Hopper) GPU and a build for sm_90a")
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            _fail(f"the tensor-core path needs fp16/bf16 activations, got {x.dtype}")
+        xp = permute_activations(x)
+        pl = plan_tc(m, n, k, cfg, block_m, splits)
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if pl["splits"] > 1:
+            ws = torch.empty(pl["splits"] * m * n, dtype=torch.float32, device=x.device)
+            counters = _counters_for(x.device)
+        else:
+            ws = torch.empty(0, dtype=torch.float32, device=x.device)
+            counters = torch.empty(0, dtype=torch.int32, device=x.device)
+        _ext().gemm_wgmma(xp, k, qweight, scales, tables, out, ws, counters, bits, group_size,
+                          pl["splits"], pl["chunks_per_split"], pl["block_m"])
+        return out
     if path == "dense":
         w = dequantize_kernel_layout(qweight, scales, tables, bits, group_size, k)
         return torch.nn.functional.linear(x, w)
@@ -346,7 +439,6 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
-    dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     mt = m_tiles or m_tiles_for(m)
     resident = _ctas_per_sm(bits, mt, str(x.dtype).split(".")[-1], dev_index)
     pl = plan(m, n, k, cfg, mt, splits, resident)
@@ -368,4 +460,5 @@ def _lut_gemm_cuda(x, qweight, scales, tables, shard_ends, bits, group_size):
     return gemm(x, qweight, scales, tables, bits, group_size)
 
 
-__all__ = ["prepare", "gemm", "plan", "device_config", "check_cuda_args", "dequantize_kernel_layout", "m_tiles_for"]
+__all__ = ["prepare", "gemm", "plan", "plan_tc", "choose_path", "tc_available", "device_config", "check_cuda_args",
+           "dequantize_kernel_layout", "m_tiles_for"]

@@ -49,6 +49,16 @@ inline int gemm_m_chunks(int M, int m_tiles) { return (M + 8 * m_tiles - 1) / (8
 
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
 
+// Tensor-core path (flute_wgmma.cu, sm_90a): same parameters, except that m_tiles * 8 is the
+// activation rows per CTA (64, 128 or 256), a CTA covers kWgmmaRowsPerCta weight rows, the split-K
+// workspace is [splits][M][N] fp32 and counters need grid_x * ceil(M / (8 * m_tiles)) ints.
+constexpr int kWgmmaRowsPerCta = 128;
+inline int wgmma_grid_x(int N) { return (N + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta; }
+cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream);
+// True when the device is sm_90 and the extension holds sm_90a code (probed once, synchronously:
+// call it outside CUDA-graph capture).
+bool wgmma_supported();
+
 // Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype); 0 on error.
 int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype);
 

@@ -62,6 +62,54 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
   TORCH_CHECK(err == cudaSuccess, "flute: gemm launch failed: ", cudaGetErrorString(err));
 }
 
+// Tensor-core path (sm_90a): out[M, N] = x @ W^T with x_perm the activations permuted to the kernel
+// layout's K order, [M, Kp] (Kp = K rounded up to 64, zero pad); block_m = activation rows per CTA
+// (64/128/256); workspace fp32 >= splits * M * N when splits > 1.
+void gemm_wgmma(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qweight, const torch::Tensor& scales,
+                const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
+                int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t block_m) {
+  const torch::Tensor& x = x_perm;
+  check_cuda(x, "x");
+  check_cuda(qweight, "qweight");
+  check_cuda(scales, "scales");
+  check_cuda(tables, "tables");
+  check_cuda(out, "out");
+  const int64_t M = x.size(0), N = out.size(1);
+  TORCH_CHECK(x.size(1) == (K + 63) / 64 * 64 && K % 32 == 0, "flute: x_perm must be [M, K rounded up to 64]");
+  TORCH_CHECK(out.size(0) == M, "flute: out rows");
+  TORCH_CHECK(block_m == 64 || block_m == 128 || block_m == 256, "flute: block_m must be 64, 128 or 256");
+  TORCH_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "flute: qweight size");
+  TORCH_CHECK(scales.numel() == N * (K / group_size), "flute: scales size");
+  TORCH_CHECK(tables.numel() == (N / 16) * flute::kTableWords, "flute: tables size");
+  TORCH_CHECK(flute::wgmma_supported(), "flute: the tensor-core path needs an sm_90 GPU and an sm_90a build");
+  if (splits > 1) {
+    check_cuda(workspace, "workspace");
+    check_cuda(counters, "counters");
+    TORCH_CHECK(workspace.numel() >= splits * M * N, "flute: workspace too small");
+    TORCH_CHECK(counters.numel() >= flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m), "flute: counters too small");
+  }
+  const at::cuda::CUDAGuard guard(x.device());
+  flute::GemmParams p{};
+  p.x = x.data_ptr();
+  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
+  p.scales = scales.data_ptr();
+  p.tables = reinterpret_cast<const uint32_t*>(tables.data_ptr());
+  p.out = out.data_ptr();
+  p.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
+  p.counters = splits > 1 ? counters.data_ptr<int>() : nullptr;
+  p.M = (int)M; p.N = (int)N; p.K = (int)K;
+  p.bits = (int)bits; p.group_size = (int)group_size;
+  p.splits = (int)splits; p.chunks_per_split = (int)chunks_per_split; p.m_tiles = (int)(block_m / 8);
+  p.dtype = dtype_of(x);
+  const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm launch failed: ", cudaGetErrorString(err));
+}
+
+bool wgmma_supported(int64_t device_index) {
+  const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device_index);
+  return flute::wgmma_supported();
+}
+
 // out[N, K] = dequantized weight in out's dtype.
 void dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const torch::Tensor& tables,
              torch::Tensor& out, int64_t bits, int64_t group_size) {
@@ -94,6 +142,8 @@ int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "flute LUT-GEMM (kernel layout)");
+  m.def("gemm_wgmma", &gemm_wgmma, "flute LUT-GEMM, sm_90a tensor-core path (kernel layout)");
+  m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("dequant", &dequant, "flute dequantize (kernel layout) to dense");
   m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype)");
 }

@@ -96,6 +96,23 @@ def test_kernel_layout_decodes_to_table_values(bits, dtype):
     assert (w[:, k:] >= 0).all()  # the pad is written too (index 0)
 
 
+def test_permuted_activations_match_the_a_fragment_k_order_cpu():
+    """wgmma reads B position 16 s + kk for A-fragment column kk of k-step s; the kernel layout puts
+    real k = 32 (s >> 1) + 8 t + 4 (s & 1) + 2 (i >> 2) + (i & 1) at kk = 2 t + (i & 1) + 8 (i >> 2)."""
+    k = 96  # one full chunk + a half chunk (zero pad)
+    x = torch.arange(1, k + 1, dtype=torch.float32).unsqueeze(0)
+    xp = cuda_op.permute_activations(x)
+    assert xp.shape == (1, 128)
+    for c in range(2):
+        for s in range(4):
+            for t in range(4):
+                for i in range(8):
+                    real = 64 * c + 32 * (s >> 1) + 8 * t + 4 * (s & 1) + 2 * (i >> 2) + (i & 1)
+                    kk = 2 * t + (i & 1) + 8 * (i >> 2)
+                    want = float(real + 1) if real < k else 0.0
+                    assert xp[0, 64 * c + 16 * s + kk].item() == want
+
+
 def test_layout_validation_messages_cpu():
     with pytest.raises(ValueError, match="multiple of 16"):
         cuda_op._check_layout_args(24, 64, 4, 32, [24])
@@ -181,8 +198,9 @@ def _random_case(rng: random.Random):
     bits = rng.choice([2, 3, 4])
     dtype = rng.choice([torch.float16, torch.bfloat16])
     kinds = [rng.choice(["nf", "int", "fp", "random"]) for _ in parts]
-    path = rng.choices(["op", "lut", "lut_split", "dense"], weights=[6, 2, 2, 1])[0]
-    return dict(parts=parts, k=k, g=g, m=m, bits=bits, dtype=dtype, kinds=kinds, path=path)
+    path = rng.choices(["op", "lut", "lut_split", "dense", "tc", "tc_split"], weights=[6, 2, 2, 1, 2, 2])[0]
+    block_m = rng.choice([64, 128, 256])
+    return dict(parts=parts, k=k, g=g, m=m, bits=bits, dtype=dtype, kinds=kinds, path=path, block_m=block_m)
 
 
 @needs_cuda
@@ -194,8 +212,11 @@ def test_randomized_sweep():
     n_cases = int(os.environ.get("FLUTE_SWEEP_CASES", "2000"))
     failures = []
     worst = {}
+    tc = cuda_op.tc_available(torch.cuda.current_device())
     for idx in range(n_cases):
         c = _random_case(rng)
+        if c["path"].startswith("tc") and not tc:
+            c["path"] = "op"  # no sm_90a tensor-core path on this GPU
         qweight, scales, tables, ends = _make_layer(c["parts"], c["k"], c["bits"], c["g"], c["dtype"],
                                                     c["kinds"], dev, gen)
         qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, c["bits"], c["g"])
@@ -206,6 +227,9 @@ def test_randomized_sweep():
             out = torch.ops.flute_vllm.lut_gemm(x, qk, sk, tk, ends, c["bits"], c["g"])
         elif c["path"] == "dense":
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="dense")
+        elif c["path"].startswith("tc"):
+            splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "tc_split" else None
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", splits=splits, block_m=c["block_m"])
         else:
             splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "lut_split" else None
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits)
@@ -232,6 +256,29 @@ def test_split_k_is_deterministic(dtype, bits):
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     ref = _reference(x, qweight, scales, tables, ends, bits, 128)
     assert _rel_err(outs[0], ref) < _tol(dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tensor_core_path_split_k_and_tiles(dtype, bits):
+    """sm_90a wgmma path: every block_m, split-K bit-exact across runs, K % 64 == 32, ragged M and N."""
+    if not cuda_op.tc_available(torch.cuda.current_device()):
+        pytest.skip("needs an sm_90 GPU (Hopper) for the wgmma tensor-core path")
+    gen = torch.Generator().manual_seed(11)
+    qweight, scales, tables, ends = _make_layer([256, 144], 1440, bits, 32, dtype, ["nf", "random"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, bits, 32)
+    for m in (1, 77, 300):
+        x = torch.randn(m, 1440, device="cuda").to(dtype)
+        ref = _reference(x, qweight, scales, tables, ends, bits, 32)
+        for block_m in (64, 128, 256):
+            outs = [cuda_op.gemm(x, qk, sk, tk, bits, 32, force_path="tc", splits=7, block_m=block_m) for _ in range(2)]
+            assert torch.equal(outs[0], outs[1])
+            assert _rel_err(outs[0], ref) < _tol(dtype), (m, block_m)
+            one = cuda_op.gemm(x, qk, sk, tk, bits, 32, force_path="tc", splits=1, block_m=block_m)
+            assert _rel_err(one, ref) < _tol(dtype), (m, block_m)
+    cfg = cuda_op.device_config(torch.cuda.current_device())
+    assert cuda_op.choose_path(cfg["tc_min_m"], dtype, cfg, torch.cuda.current_device()) == "tc"
 
 
 @needs_cuda

@@ -1,0 +1,208 @@
+// Device helpers shared by the LUT-GEMM kernels (flute_gemm.cu: mma.sync decode kernel and
+// dequantize; flute_wgmma.cu: the sm_90a warpgroup-MMA kernel): PTX wrappers, the per-type MMA,
+// and the decode of the kernel layout's packed indices into 16-bit A-fragment registers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+
+namespace flute {
+namespace {
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// Streaming 16/8/4-byte loads that do not pollute L1 (weights are read once).
+__device__ __forceinline__ uint4 ld_stream_v4(const uint32_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint2 ld_stream_v2(const uint32_t* p) {
+  uint2 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_stream_u32(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async8_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async4_s(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+template <typename T> struct TypeOps;
+template <> struct TypeOps<half> {
+  static __device__ __forceinline__ float to_float(half v) { return __half2float(v); }
+  static __device__ __forceinline__ half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct TypeOps<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct TypeOps<float> {
+  static __device__ __forceinline__ float to_float(float v) { return v; }
+  static __device__ __forceinline__ float from_float(float v) { return v; }
+};
+
+// Packed indices of one lane for one 64-wide K chunk (4 mma k-steps, 8 indices per step).
+template <int BITS> struct Frag { uint32_t w[BITS]; };
+
+// Shifts that place the msb plane of 3-bit indices at bit 2 of each selector nibble, for
+// (step, half) = q in 0..7; negative means shift left.
+__device__ __forceinline__ uint32_t msb_nibbles(uint32_t w2, int q) {
+  switch (q) {
+    case 0: return (w2 << 2) & 0x4444u;
+    case 1: return (w2 << 1) & 0x4444u;
+    case 2: return w2 & 0x4444u;
+    case 3: return (w2 >> 1) & 0x4444u;
+    case 4: return (w2 >> 14) & 0x4444u;
+    case 5: return (w2 >> 15) & 0x4444u;
+    case 6: return (w2 >> 16) & 0x4444u;
+    default: return (w2 >> 17) & 0x4444u;
+  }
+}
+
+// Chunk layout per (tile, chunk): 32 * BITS words.
+//   4-bit: lane L owns words [4L, 4L+4): word s = step s, nibble i = element i.
+//   2-bit: lane L owns words [2L, 2L+2): word j = steps 2j (bits 0-15) and 2j+1 (bits 16-31);
+//          in a 16-bit half, element i < 4 at bits 4i..4i+1, element i >= 4 at 4(i-4)+2.
+//   3-bit: words [2L, 2L+2) hold the low 2 bits like 2-bit; word 64 + L holds the msbs.
+// Element i of a step: row g + 8*((i>>1)&1), mma k = 2t + (i&1) + 8*(i>>2): a[r] = (e_{2r}, e_{2r+1}).
+template <int BITS>
+__device__ __forceinline__ void load_frag(Frag<BITS>& f, const uint32_t* chunk, int lane) {
+  if constexpr (BITS == 4) {
+    uint4 v = ld_stream_v4(chunk + 4 * lane);
+    f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
+  } else if constexpr (BITS == 2) {
+    uint2 v = ld_stream_v2(chunk + 2 * lane);
+    f.w[0] = v.x; f.w[1] = v.y;
+  } else {
+    uint2 v = ld_stream_v2(chunk + 2 * lane);
+    f.w[0] = v.x; f.w[1] = v.y;
+    f.w[2] = ld_stream_u32(chunk + 64 + lane);
+  }
+}
+
+struct ByteTable { uint32_t lo[4], hi[4]; };
+
+__device__ __forceinline__ void interleave(uint32_t lo, uint32_t hi, uint32_t& a0, uint32_t& a1) {
+  a0 = prmt(lo, hi, 0x5140);
+  a1 = prmt(lo, hi, 0x7362);
+}
+
+// Dequantize (without scale) the 16x16 A fragment of k-step S: a[0..3] as 16-bit pairs.
+template <int BITS, int S>
+__device__ __forceinline__ void decode(const Frag<BITS>& f, const ByteTable& tb, uint32_t a[4]) {
+  if constexpr (BITS == 4) {
+    const uint32_t w = f.w[S];
+    const uint32_t c = w & 0x77777777u;
+    const uint32_t ch = c >> 16;
+    const uint32_t sh = w << 4;
+    {
+      const uint32_t m = prmt(sh, w, 0xD9C8);  // 0xFF per byte where the index's msb is set
+      const uint32_t la = prmt(tb.lo[0], tb.lo[1], c), lb = prmt(tb.lo[2], tb.lo[3], c);
+      const uint32_t ha = prmt(tb.hi[0], tb.hi[1], c), hb = prmt(tb.hi[2], tb.hi[3], c);
+      interleave((la & ~m) | (lb & m), (ha & ~m) | (hb & m), a[0], a[1]);
+    }
+    {
+      const uint32_t m = prmt(sh, w, 0xFBEA);
+      const uint32_t la = prmt(tb.lo[0], tb.lo[1], ch), lb = prmt(tb.lo[2], tb.lo[3], ch);
+      const uint32_t ha = prmt(tb.hi[0], tb.hi[1], ch), hb = prmt(tb.hi[2], tb.hi[3], ch);
+      interleave((la & ~m) | (lb & m), (ha & ~m) | (hb & m), a[2], a[3]);
+    }
+  } else {
+    const uint32_t wl = f.w[S >> 1] >> (16 * (S & 1));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t c = (wl >> (2 * h)) & 0x3333u;
+      uint32_t lo, hi;
+      if constexpr (BITS == 3) {
+        c |= msb_nibbles(f.w[2], 2 * S + h);
+        lo = prmt(tb.lo[0], tb.lo[1], c);
+        hi = prmt(tb.hi[0], tb.hi[1], c);
+      } else {
+        lo = prmt(tb.lo[0], tb.lo[0], c);
+        hi = prmt(tb.hi[0], tb.hi[0], c);
+      }
+      interleave(lo, hi, a[2 * h], a[2 * h + 1]);
+    }
+  }
+}
+
+// 4-bit decode through the shared-memory pair table: byte j of the step's word holds the
+// indices of a[j]'s two halves; one PRMT + one IMAD + one conflict-free LDS per register.
+template <int S>
+__device__ __forceinline__ void decode_pair(uint32_t w, uint32_t pair_lane, uint32_t a[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t idx = prmt(w, 0u, 0x4440u | j);
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * 64u + pair_lane));
+  }
+}
+
+// Mixed 4-bit decode (v6): a[0], a[1] through the pair table, a[2], a[3] by byte permutes in
+// registers. Moves work from the L1/shared-memory pipe (90% busy at M=1 in ncu, the pair-table
+// loads have 2-way bank conflicts) to the ALU pipe, which has headroom.
+__device__ __forceinline__ void decode_mixed(uint32_t w, uint32_t pair_lane, const ByteTable& tb, uint32_t a[4]) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint32_t idx = prmt(w, 0u, 0x4440u | j);
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * 64u + pair_lane));
+  }
+  const uint32_t ch = (w & 0x77777777u) >> 16;
+  const uint32_t m = prmt(w << 4, w, 0xFBEA);
+  const uint32_t la = prmt(tb.lo[0], tb.lo[1], ch), lb = prmt(tb.lo[2], tb.lo[3], ch);
+  const uint32_t ha = prmt(tb.hi[0], tb.hi[1], ch), hb = prmt(tb.hi[2], tb.hi[3], ch);
+  interleave((la & ~m) | (lb & m), (ha & ~m) | (hb & m), a[2], a[3]);
+}
+
+// Index of element i (0..7) of k-step s from a lane's fragment (used by the dequant kernel).
+template <int BITS>
+__device__ __forceinline__ int frag_index(const Frag<BITS>& f, int s, int i) {
+  if constexpr (BITS == 4) {
+    return (f.w[s] >> (4 * i)) & 15;
+  } else {
+    const uint32_t wl = f.w[s >> 1] >> (16 * (s & 1));
+    const int pos = (i < 4) ? 4 * i : 4 * (i - 4) + 2;
+    int v = (wl >> pos) & 3;
+    if constexpr (BITS == 3) v |= ((msb_nibbles(f.w[2], 2 * s + (i >> 2)) >> (4 * (i & 3) + 2)) & 1) << 2;
+    return v;
+  }
+}
+
+}  // namespace
+}  // namespace flute

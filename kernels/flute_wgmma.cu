@@ -1,0 +1,410 @@
+// flute_vllm LUT-GEMM, tensor-core path for Hopper (sm_90a): warpgroup MMA (wgmma) with the
+// dequantized weights as the register operand ("RS"), activations from shared memory.
+//
+//   lut_wgmma_kernel<BITS, BN, T>   BITS 2/3/4, BN activation rows per CTA (the wgmma N: 64, 128,
+//                                   256), T half / bf16; runtime M, N, K, group size, split-K.
+//
+// We compute Y^T = W_hat X^T: the weights are wgmma's A operand (M side, 64 rows per warpgroup),
+// the activations its B operand (N side). A wgmma A fragment held in registers has, per warp, the
+// layout of an mma.m16n8k16 A fragment, so the decode of flute_device.cuh (written for the
+// mma.sync kernel, same kernel weight layout) produces it unchanged. Each CTA = 2 warpgroups =
+// 8 warps = 128 weight rows (warp w owns 16-row tile w) x BN activation rows.
+//
+// Activations: the kernel layout permutes K inside each 64-wide chunk (so that the mma.sync
+// kernel reads contiguous fragments); the B tile in shared memory must hold the activations in
+// that same order. cuda_op permutes X once per call (a copy of M x K, small next to the GEMM), and
+// the kernel streams it with 16-byte cp.async into wgmma's K-major 128-byte-swizzled layout,
+// together with the packed weights and group scales, through one per-CTA ring.
+// Scales are applied to the decoded 16-bit weights (one HMUL2 per register), as in Marlin /
+// Machete; accumulation is fp32. Split-K partials are reduced by the last CTA (deterministic).
+#include "flute_kernel.h"
+#include "flute_device.cuh"
+
+namespace flute {
+namespace {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLUTE_HAS_WGMMA 1
+#else
+#define FLUTE_HAS_WGMMA 0
+#endif
+
+constexpr int kWgmmaWarps = 8;    // 2 warpgroups
+// Ring depth per BN (shared memory ~104 / 105 / 190 KB: 2 / 2 / 1 CTAs per SM): STAGES - 2 chunks are in flight ahead of
+// the one consumed, which is what keeps HBM busy when the kernel is memory bound (small M).
+template <int BN> struct WgmmaStages { static constexpr int value = BN == 64 ? 8 : 5; };
+
+#if FLUTE_HAS_WGMMA
+template <int BN, typename T> struct Wgmma;
+template <> struct Wgmma<64, half> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t a[4], uint64_t desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  }
+};
+template <> struct Wgmma<64, __nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t a[4], uint64_t desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  }
+};
+template <> struct Wgmma<128, half> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t a[4], uint64_t desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  }
+};
+template <> struct Wgmma<128, __nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t a[4], uint64_t desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  }
+};
+template <> struct Wgmma<256, half> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t a[4], uint64_t desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  }
+};
+template <> struct Wgmma<256, __nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float* d, const uint32_t a[4], uint64_t desc) {
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+  }
+};
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Keeps the accumulators in place across the asynchronous MMAs (CUTLASS's warpgroup_fence_operand).
+__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row core groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
+}
+
+template <typename T> __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t s2);
+template <> __device__ __forceinline__ uint32_t mul2<half>(uint32_t a, uint32_t s2) {
+  __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&s2));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+template <> __device__ __forceinline__ uint32_t mul2<__nv_bfloat16>(uint32_t a, uint32_t s2) {
+  __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&s2));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+#endif  // FLUTE_HAS_WGMMA
+
+template <int BITS, int BN, typename T>
+struct WgmmaSmem {
+  static constexpr int kX = BN * 128;                // activations: BN rows x 64 k x 2 bytes
+  static constexpr int kW = kWgmmaWarps * 128 * BITS;  // packed weights: 8 tiles x 32 lanes x BITS words
+  static constexpr int kS = kWgmmaWarps * 2 * 16 * (int)sizeof(T);  // scales: 8 tiles x 2 halves x 16 rows
+  static constexpr int kStage = (kX + kW + kS + 1023) / 1024 * 1024;  // X tiles stay 1024-aligned (swizzle)
+  static constexpr int kStages = WgmmaStages<BN>::value;
+  static constexpr int kBytes = kStages * kStage + 1024;  // + slack to align the base to 1024
+};
+
+template <int BITS, int BN, typename T>
+__global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma_kernel(const GemmParams p) {
+#if FLUTE_HAS_WGMMA
+  using Smem = WgmmaSmem<BITS, BN, T>;
+  constexpr int NACC = BN / 2;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  const uint32_t sbase = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  uint8_t* const sgen = smem_raw + (sbase - smem_addr(smem_raw));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2;
+  const int ntiles = p.N >> 4;
+  const int nch = (p.K + 63) >> 6;
+  const int ngroups = p.K / p.group_size;
+  const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
+  const int tile_raw = blockIdx.x * kWgmmaWarps + warp;
+  const bool tile_ok = tile_raw < ntiles;
+  const int tile = min(tile_raw, ntiles - 1);
+  const int m0 = blockIdx.y * BN;
+  const int split = blockIdx.z;
+  const int cb = split * p.chunks_per_split;
+  const int ce = min(nch, cb + p.chunks_per_split);
+
+  // ---- copy assignments (fixed across chunks) ----
+  // Activations come pre-permuted (cuda_op.permute_activations: row stride Kp = K rounded up to 64,
+  // zero pad, K order of the kernel layout), so a chunk row is 8 plain 16-byte pieces; piece c of
+  // row r goes to 16-byte slot c ^ (r & 7) of the row (wgmma's 128-byte swizzle).
+  const int kp_row = (p.K + 63) & ~63;
+  const int x_piece = tid & 7;
+  const int x_row0 = tid >> 3;  // + 32 j
+  const uint32_t x_dst0 = (uint32_t)(x_row0 * 128 + ((x_piece ^ (x_row0 & 7)) << 4));
+  const T* x = reinterpret_cast<const T*>(p.x) + 8 * x_piece;
+  // Weights: warp copies its own tile's chunk (BITS words per lane); scales: lanes < 16 copy two
+  // scales of half h = lane >> 3 (k-steps 0-1 / 2-3 may lie in different groups only when G == 32).
+  constexpr int CW = 32 * BITS;
+  const uint32_t* wsrc = p.qweight + (size_t)tile * nch * CW + (BITS == 4 ? 4 * lane : 2 * lane);
+  const T* scales = reinterpret_cast<const T*>(p.scales);
+  const T* sc_src = scales + (size_t)tile * ngroups * 16 + 2 * (lane & 7);
+  const int sc_h = (lane >> 3) & 1;
+
+  auto issue = [&](int cc, int st) {
+    const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
+#pragma unroll
+    for (int j = 0; j < BN / 32; ++j) {
+      const int row = min(m0 + x_row0 + 32 * j, p.M - 1);
+      cp_async16_s(xd + j * 4096, x + (size_t)row * kp_row + (cc << 6));
+    }
+    const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
+    const uint32_t* src = wsrc + (size_t)cc * CW;
+    if constexpr (BITS == 4) {
+      cp_async16_s(wd + 16 * lane, src);
+    } else {
+      cp_async8_s(wd + 8 * lane, src);
+      if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, src + 64 - lane);
+    }
+    if (lane < 16) {
+      const int grp = min(((cc << 6) + 32 * sc_h) >> gshift, ngroups - 1);
+      const uint32_t sd = sbase + st * Smem::kStage + Smem::kX + Smem::kW + (warp * 2 + sc_h) * 16 * sizeof(T) + 4 * (lane & 7);
+      cp_async4_s(sd, sc_src + grp * 16);
+    }
+  };
+
+  ByteTable tb;
+  {
+    const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tile * kTableWords);
+    const uint4 l = __ldg(tp), h = __ldg(tp + 1);
+    tb.lo[0] = l.x; tb.lo[1] = l.y; tb.lo[2] = l.z; tb.lo[3] = l.w;
+    tb.hi[0] = h.x; tb.hi[1] = h.y; tb.hi[2] = h.z; tb.hi[3] = h.w;
+  }
+
+  float acc[NACC];
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+
+  constexpr int STAGES = Smem::kStages;
+  constexpr int PD = STAGES - 2;  // prefetch distance (see the ring argument below)
+#pragma unroll
+  for (int st = 0; st < PD; ++st) {
+    if (cb + st < ce) issue(cb + st, st);
+    cp_async_commit();
+  }
+
+  // One chunk: decode its 4 k-steps into `a` (all 16 registers first: the decodes interleave),
+  // then 4 wgmmas as one group, then wait for the previous chunk's group. The two register
+  // buffers alternate by chunk parity, so a chunk's decode overlaps the previous chunk's MMAs.
+  int st = 0;
+  auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
+    cp_async_wait<PD - 1>();  // this thread's copies of chunk cc have landed
+    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // chunk cc is in shared memory for every thread
+    // Ring: stage (cc + PD) % STAGES was last read by chunk cc - 2, whose MMAs all completed
+    // (only chunk cc - 1's wgmma group can be in flight past this barrier).
+    {
+      const int nxt = cc + PD;
+      if (nxt < ce) issue(nxt, st + PD < STAGES ? st + PD : st + PD - STAGES);
+      cp_async_commit();
+    }
+    const uint8_t* sg = sgen + st * Smem::kStage;
+    Frag<BITS> f;
+    {
+      const uint32_t* sw = reinterpret_cast<const uint32_t*>(sg + Smem::kX) + warp * CW;
+      if constexpr (BITS == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
+        f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
+        f.w[0] = v.x; f.w[1] = v.y;
+        if constexpr (BITS == 3) f.w[2] = sw[64 + lane];
+      }
+    }
+    const T* ssc = reinterpret_cast<const T*>(sg + Smem::kX + Smem::kW) + warp * 32;
+    uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
+      const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
+      s2[h][0] = (uint32_t)lo * 0x10001u;
+      s2[h][1] = (uint32_t)hi * 0x10001u;
+    }
+    decode<BITS, 0>(f, tb, a[0]);
+    decode<BITS, 1>(f, tb, a[1]);
+    decode<BITS, 2>(f, tb, a[2]);
+    decode<BITS, 3>(f, tb, a[3]);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      a[s][0] = mul2<T>(a[s][0], s2[s >> 1][0]);
+      a[s][1] = mul2<T>(a[s][1], s2[s >> 1][1]);
+      a[s][2] = mul2<T>(a[s][2], s2[s >> 1][0]);
+      a[s][3] = mul2<T>(a[s][3], s2[s >> 1][1]);
+    }
+    const uint32_t xs_base = sbase + st * Smem::kStage;
+    uint64_t desc[4];
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      desc[s] = smem_desc_sw128(xs_base + 32 * s);
+      // Materialise every wgmma input before the fence: an input defined between the wgmmas of
+      // one group makes ptxas serialise them (C7513).
+      asm volatile("" : "+l"(desc[s]), "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc, a[s], desc[s]);
+    wgmma_commit();
+    wgmma_wait<1>();  // chunk cc - 1's group is done: its registers and ring stage are free
+    if (++st == STAGES) st = 0;
+  };
+  uint32_t a0[4][4], a1[4][4];
+  // (The odd tail stays outside the loop: every path then alternates a0 / a1, which is what lets
+  // ptxas keep the decode of one chunk overlapped with the wgmmas of the previous one.)
+  int cc = cb;
+  for (; cc + 1 < ce; cc += 2) {
+    chunk(cc, a0);
+    chunk(cc + 1, a1);
+  }
+  if (cc < ce) chunk(cc, a0);
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < NACC; ++i) pin(acc[i]);
+  cp_async_wait<0>();
+
+  // Epilogue. acc[4j + q]: weight row n = tile*16 + g + 8*(q>>1), activation row m = m0 + 8j + 2t + (q&1).
+  const int t = lane & 3;
+  T* out = reinterpret_cast<T*>(p.out);
+  const int n_lo = tile * 16 + g;
+  if (p.splits == 1) {
+    if (tile_ok) {
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int m = m0 + 8 * j + 2 * t + (q & 1);
+          if (m < p.M) out[(size_t)m * p.N + n_lo + 8 * (q >> 1)] = TypeOps<T>::from_float(acc[4 * j + q]);
+        }
+    }
+    return;
+  }
+  // Split-K: fp32 partials [split][M][N]; the last CTA of this (x, y) sums them in split order.
+  float* ws = p.workspace;
+  if (tile_ok) {
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int m = m0 + 8 * j + 2 * t + (q & 1);
+        if (m < p.M) ws[((size_t)split * p.M + m) * p.N + n_lo + 8 * (q >> 1)] = acc[4 * j + q];
+      }
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int s_last;
+  int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
+  if (tid == 0) s_last = (atomicAdd(counter, 1) == p.splits - 1);
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const int n0 = blockIdx.x * kWgmmaWarps * 16;
+  const int nvalid = min(kWgmmaWarps * 16, p.N - n0);
+  const int mvalid = min(BN, p.M - m0);
+  const int units = mvalid * (nvalid >> 2);
+  const size_t stride = (size_t)p.M * p.N;
+  for (int u = tid; u < units; u += kWgmmaWarps * 32) {
+    const int ml = u / (nvalid >> 2);
+    const int n = n0 + 4 * (u % (nvalid >> 2));
+    const float* src = ws + (size_t)(m0 + ml) * p.N + n;
+    float4 v = __ldcg(reinterpret_cast<const float4*>(src));
+    for (int sp = 1; sp < p.splits; ++sp) {
+      const float4 a4 = __ldcg(reinterpret_cast<const float4*>(src + sp * stride));
+      v.x += a4.x; v.y += a4.y; v.z += a4.z; v.w += a4.w;
+    }
+    T* o = out + (size_t)(m0 + ml) * p.N + n;
+    o[0] = TypeOps<T>::from_float(v.x);
+    o[1] = TypeOps<T>::from_float(v.y);
+    o[2] = TypeOps<T>::from_float(v.z);
+    o[3] = TypeOps<T>::from_float(v.w);
+  }
+  if (tid == 0) *counter = 0;
+#else
+  __trap();  // built without sm_90a: the host never launches this (wgmma_supported() is false)
+#endif
+}
+
+__global__ void wgmma_probe_kernel(int* out) { *out = FLUTE_HAS_WGMMA; }
+
+template <int BITS, int BN, typename T>
+cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream) {
+  constexpr int bytes = WgmmaSmem<BITS, BN, T>::kBytes;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(lut_wgmma_kernel<BITS, BN, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (attr != cudaSuccess) return attr;
+  dim3 grid(wgmma_grid_x(p.N), (p.M + BN - 1) / BN, p.splits);
+  lut_wgmma_kernel<BITS, BN, T><<<grid, kWgmmaWarps * 32, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int BITS, typename T>
+cudaError_t launch_wgmma_bn(const GemmParams& p, cudaStream_t stream) {
+  switch (p.m_tiles * 8) {
+    case 64: return launch_wgmma_t<BITS, 64, T>(p, stream);
+    case 128: return launch_wgmma_t<BITS, 128, T>(p, stream);
+    case 256: return launch_wgmma_t<BITS, 256, T>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t launch_wgmma_bits(const GemmParams& p, cudaStream_t stream) {
+  switch (p.bits) {
+    case 2: return launch_wgmma_bn<2, T>(p, stream);
+    case 3: return launch_wgmma_bn<3, T>(p, stream);
+    case 4: return launch_wgmma_bn<4, T>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+bool wgmma_supported() {
+  static int cached[64];  // per device: 0 unknown, 1 yes, 2 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (cached[dev] == 0) {
+    bool ok = false;
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9) {
+      int* d = nullptr;
+      int h = 0;
+      if (cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
+        wgmma_probe_kernel<<<1, 1>>>(d);
+        ok = cudaMemcpy(&h, d, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess && h == 1;
+        cudaFree(d);
+      }
+      cudaGetLastError();
+    }
+    cached[dev] = ok ? 1 : 2;
+  }
+  return cached[dev] == 1;
+}
+
+cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream) {
+  if (p.M <= 0 || p.N <= 0) return cudaSuccess;
+  if (p.N % 16 || p.K % 32 || p.splits < 1 || p.chunks_per_split < 1) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kF16: return launch_wgmma_bits<half>(p, stream);
+    case DType::kBF16: return launch_wgmma_bits<__nv_bfloat16>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace flute
