@@ -153,7 +153,7 @@ def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=
         if tiny is not None:
             results["tinygemm"] = time_graph(
                 [lambda wp=wp, sz=sz: torch.ops.aten._weight_int4pack_mm(x, wp, g, sz) for wp, sz in tiny], 200)
-        if "flute" in kernels:
+        if "flute" in kernels and (m <= 256 or not cuda_op.tc_available(torch.cuda.current_device())):
             results["flute"] = time_graph(
                 [lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut") for c in layer.copies], 200)
         if "flute" in kernels and m >= 16 and cuda_op.tc_available(torch.cuda.current_device()):

@@ -174,6 +174,22 @@ __device__ __forceinline__ void decode_pair(uint32_t w, uint32_t pair_lane, uint
   }
 }
 
+// The 4-bit pair table (FLUTE's trick) in shared memory, built by all threads of the CTA from one
+// kernel-layout table (words 0-7 = low/high byte tables): entry e (two 4-bit indices) -> the 16-bit
+// pair (T[e & 15], T[e >> 4]) = one mma A register, 16 copies (copy = lane & 15: a warp's lookups
+// have <= 2-way bank conflicts); 16 KB. The caller puts a barrier between this and the first lookup.
+__device__ __forceinline__ void build_pair_table(uint32_t* s_pair, const uint32_t* tp) {
+  for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+    const int i0 = e & 15, i1 = e >> 4;
+    const uint32_t v0 = ((tp[i0 >> 2] >> (8 * (i0 & 3))) & 0xFF) | (((tp[4 + (i0 >> 2)] >> (8 * (i0 & 3))) & 0xFF) << 8);
+    const uint32_t v1 = ((tp[i1 >> 2] >> (8 * (i1 & 3))) & 0xFF) | (((tp[4 + (i1 >> 2)] >> (8 * (i1 & 3))) & 0xFF) << 8);
+    const uint4 v = make_uint4(v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16));
+#pragma unroll
+    for (int q = 0; q < 4; ++q) reinterpret_cast<uint4*>(s_pair + e * 16)[q] = v;
+  }
+}
+constexpr int kPairTableBytes = 256 * 16 * 4;
+
 // Mixed 4-bit decode (v6): a[0], a[1] through the pair table, a[2], a[3] by byte permutes in
 // registers. Moves work from the L1/shared-memory pipe (90% busy at M=1 in ncu, the pair-table
 // loads have 2-way bank conflicts) to the ALU pipe, which has headroom.

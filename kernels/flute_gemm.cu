@@ -174,15 +174,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     // Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
     // boundary inside the CTA) decode with byte permutes instead.
     if constexpr (BITS == 4) {
-      const uint32_t* tp = p.tables + (size_t)cta_tile0 * kTableWords;
-      for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-        const int i0 = e & 15, i1 = e >> 4;
-        const uint32_t v0 = ((tp[i0 >> 2] >> (8 * (i0 & 3))) & 0xFF) | (((tp[4 + (i0 >> 2)] >> (8 * (i0 & 3))) & 0xFF) << 8);
-        const uint32_t v1 = ((tp[i1 >> 2] >> (8 * (i1 & 3))) & 0xFF) | (((tp[4 + (i1 >> 2)] >> (8 * (i1 & 3))) & 0xFF) << 8);
-        const uint4 v = make_uint4(v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16));
-#pragma unroll
-        for (int q = 0; q < 4; ++q) reinterpret_cast<uint4*>(s_pair + e * 16)[q] = v;
-      }
+      build_pair_table(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
     }
     if (warp_work) {  // (loop body not re-indented)

@@ -32,7 +32,10 @@ namespace {
 constexpr int kWgmmaWarps = 8;    // 2 warpgroups
 // Ring depth per BN (shared memory ~104 / 105 / 190 KB: 2 / 2 / 1 CTAs per SM): STAGES - 2 chunks are in flight ahead of
 // the one consumed, which is what keeps HBM busy when the kernel is memory bound (small M).
-template <int BN> struct WgmmaStages { static constexpr int value = BN == 64 ? 8 : 5; };
+// 4-bit kernels also hold the 16 KB pair table, so they get one stage less where that keeps 2 CTAs/SM.
+template <int BITS, int BN> struct WgmmaStages {
+  static constexpr int value = BN == 64 ? (BITS == 4 ? 7 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
+};
 
 #if FLUTE_HAS_WGMMA
 template <int BN, typename T> struct Wgmma;
@@ -114,8 +117,9 @@ struct WgmmaSmem {
   static constexpr int kW = kWgmmaWarps * 128 * BITS;  // packed weights: 8 tiles x 32 lanes x BITS words
   static constexpr int kS = kWgmmaWarps * 2 * 16 * (int)sizeof(T);  // scales: 8 tiles x 2 halves x 16 rows
   static constexpr int kStage = (kX + kW + kS + 1023) / 1024 * 1024;  // X tiles stay 1024-aligned (swizzle)
-  static constexpr int kStages = WgmmaStages<BN>::value;
-  static constexpr int kBytes = kStages * kStage + 1024;  // + slack to align the base to 1024
+  static constexpr int kStages = WgmmaStages<BITS, BN>::value;
+  static constexpr int kPair = BITS == 4 ? kPairTableBytes : 0;  // after the ring
+  static constexpr int kBytes = kStages * kStage + kPair + 1024;  // + slack to align the base to 1024
 };
 
 template <int BITS, int BN, typename T>
@@ -199,6 +203,19 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
     if (cb + st < ce) issue(cb + st, st);
     cp_async_commit();
   }
+  // 4-bit: the pair table of the CTA's first tile, built while the prologue's copies fly (the
+  // first chunk's barrier orders it before any lookup); a warp whose tile has another table (a
+  // fused-shard boundary inside the CTA) decodes with byte permutes instead.
+  bool use_pair = false;
+  const uint32_t pair_lane = sbase + STAGES * Smem::kStage + 4 * (lane & 15);
+  if constexpr (BITS == 4) {
+    const int cta_tile0 = min((int)blockIdx.x * kWgmmaWarps, ntiles - 1);
+    const uint32_t* tp0 = p.tables + (size_t)cta_tile0 * kTableWords;
+    build_pair_table(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
+    const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp0)), h = __ldg(reinterpret_cast<const uint4*>(tp0) + 1);
+    use_pair = l.x == tb.lo[0] && l.y == tb.lo[1] && l.z == tb.lo[2] && l.w == tb.lo[3] &&
+               h.x == tb.hi[0] && h.y == tb.hi[1] && h.z == tb.hi[2] && h.w == tb.hi[3];
+  }
 
   // One chunk: decode its 4 k-steps into `a` (all 16 registers first: the decodes interleave),
   // then 4 wgmmas as one group, then wait for the previous chunk's group. The two register
@@ -238,10 +255,17 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
       s2[h][0] = (uint32_t)lo * 0x10001u;
       s2[h][1] = (uint32_t)hi * 0x10001u;
     }
-    decode<BITS, 0>(f, tb, a[0]);
-    decode<BITS, 1>(f, tb, a[1]);
-    decode<BITS, 2>(f, tb, a[2]);
-    decode<BITS, 3>(f, tb, a[3]);
+    if (BITS == 4 && use_pair) {
+      decode_pair<0>(f.w[0], pair_lane, a[0]);
+      decode_pair<1>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
+      decode_pair<2>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
+      decode_pair<3>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
+    } else {
+      decode<BITS, 0>(f, tb, a[0]);
+      decode<BITS, 1>(f, tb, a[1]);
+      decode<BITS, 2>(f, tb, a[2]);
+      decode<BITS, 3>(f, tb, a[3]);
+    }
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
       a[s][0] = mul2<T>(a[s][0], s2[s >> 1][0]);

@@ -1,0 +1,37 @@
+"""A few kernel launches for ``compute-sanitizer`` (not collected by pytest: no test functions).
+
+    compute-sanitizer --tool memcheck python3 tests/sanitizer_cases.py
+
+Every path (mma.sync LUT kernel with and without split-K, sm_90a wgmma kernel with split-K and each
+block_m where available, dequantize) on small ragged shapes (K % 64 == 32, N not a multiple of
+the CTA's rows, odd M), each checked against the float32 reference.
+"""
+import torch
+
+from flute_vllm import cuda_op, ops
+from flute_vllm.quantize import pack
+
+torch.manual_seed(0)
+dev = torch.device("cuda")
+cases = 0
+for bits in (2, 3, 4):
+    n, k, g = 208, 480, 32
+    q = torch.randint(0, 2**bits, (n, k))
+    scales = (torch.rand(n, k // g) * 0.05 + 0.01).half().to(dev)
+    table = torch.randn(1, 2**bits).to(dev)
+    qweight = pack(q, bits).to(dev)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, table, [n], bits, g)
+    w = ops.dequantize_sharded(qweight, scales, table, [n], bits, g)
+    for m in (1, 37, 130):
+        x = torch.randn(m, k, device=dev).half()
+        ref = x.float() @ w.T
+        runs = [dict(force_path="lut"), dict(force_path="lut", splits=3), dict(force_path="dense")]
+        if cuda_op.tc_available(0):
+            runs += [dict(force_path="tc", block_m=b, splits=s) for b in (64, 128, 256) for s in (1, 4)]
+        for kw in runs:
+            out = cuda_op.gemm(x, qk, sk, tk, bits, g, **kw)
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            assert err < 3e-3, (bits, m, kw, err)
+            cases += 1
+torch.cuda.synchronize()
+print(f"sanitizer cases: {cases} launches checked")
