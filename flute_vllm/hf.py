@@ -61,7 +61,12 @@ class FluteLinear(nn.Module):
         return self._prepared[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qweight, scales, tables = self._op_tensors(x)
+        if torch.compiler.is_compiling() and self._prepared is not None:
+            # Under torch.compile the layout made by the eager warm-up call is used as is (the
+            # data_ptr check of _op_tensors would break the graph); moving the module resets it.
+            qweight, scales, tables = self._prepared[1:]
+        else:
+            qweight, scales, tables = self._op_tensors(x)
         out = ops.lut_linear(x.to(self.scales.dtype), qweight, scales, tables, [self.out_features],
                              self.bits, self.group_size, self.bias)
         return out.to(x.dtype)

@@ -14,7 +14,8 @@
 // kernel reads contiguous fragments); the B tile in shared memory must hold the activations in
 // that same order. cuda_op permutes X once per call (a copy of M x K, small next to the GEMM), and
 // the kernel streams it with 16-byte cp.async into wgmma's K-major 128-byte-swizzled layout,
-// together with the packed weights and group scales, through one per-CTA ring.
+// together with the packed weights and group scales, through one per-CTA ring synchronised by
+// full/empty mbarriers (no CTA-wide barrier per chunk).
 // Scales are applied to the decoded 16-bit weights (one HMUL2 per register), as in Marlin /
 // Machete; accumulation is fp32. Split-K partials are reduced by the last CTA (deterministic).
 #include "flute_kernel.h"
@@ -109,6 +110,26 @@ template <> __device__ __forceinline__ uint32_t mul2<__nv_bfloat16>(uint32_t a, 
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
+// mbarriers of the ring: `full` completes a phase when every thread's cp.asyncs of a stage have
+// landed, `empty` when every warp is done reading a stage (its wgmmas completed).
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` once all of this thread's earlier cp.asyncs have completed (counted in init).
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+// Blocks until the phase of parity `parity` has completed (a fresh barrier counts parity 1 as done).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@p bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+
 #endif  // FLUTE_HAS_WGMMA
 
 template <int BITS, int BN, typename T>
@@ -198,14 +219,28 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
 
   constexpr int STAGES = Smem::kStages;
   constexpr int PD = STAGES - 2;  // prefetch distance (see the ring argument below)
+  // Ring synchronisation by mbarriers, not by a CTA barrier per chunk: the two warpgroups drift
+  // apart, so one decodes while the other's wgmmas run. full[s]: 256 arrivals (every thread's
+  // cp.asyncs of the stage landed); empty[s]: 8 arrivals (every warp finished with the stage).
+  __shared__ __align__(8) uint64_t s_full[8], s_empty[8];
+  const uint32_t full0 = smem_addr(&s_full[0]), empty0 = smem_addr(&s_empty[0]);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, kWgmmaWarps * 32);
+      mbar_init(empty0 + 8 * s, kWgmmaWarps);
+    }
+  }
+  __syncthreads();  // barriers initialised before anyone arrives
 #pragma unroll
   for (int st = 0; st < PD; ++st) {
-    if (cb + st < ce) issue(cb + st, st);
-    cp_async_commit();
+    if (cb + st < ce) {
+      issue(cb + st, st);
+      mbar_arrive_cp_async(full0 + 8 * st);
+    }
   }
-  // 4-bit: the pair table of the CTA's first tile, built while the prologue's copies fly (the
-  // first chunk's barrier orders it before any lookup); a warp whose tile has another table (a
-  // fused-shard boundary inside the CTA) decodes with byte permutes instead.
+  // 4-bit: the pair table of the CTA's first tile, built while the prologue's copies fly; a warp
+  // whose tile has another table (a fused-shard boundary inside the CTA) decodes with byte
+  // permutes instead.
   bool use_pair = false;
   const uint32_t pair_lane = sbase + STAGES * Smem::kStage + 4 * (lane & 15);
   if constexpr (BITS == 4) {
@@ -215,24 +250,28 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
     const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp0)), h = __ldg(reinterpret_cast<const uint4*>(tp0) + 1);
     use_pair = l.x == tb.lo[0] && l.y == tb.lo[1] && l.z == tb.lo[2] && l.w == tb.lo[3] &&
                h.x == tb.hi[0] && h.y == tb.hi[1] && h.z == tb.hi[2] && h.w == tb.hi[3];
+    __syncthreads();  // the pair table is complete before any lookup
   }
 
-  // One chunk: decode its 4 k-steps into `a` (all 16 registers first: the decodes interleave),
-  // then 4 wgmmas as one group, then wait for the previous chunk's group. The two register
-  // buffers alternate by chunk parity, so a chunk's decode overlaps the previous chunk's MMAs.
-  int st = 0;
+  // One chunk: refill the ring, wait for chunk cc, decode its 4 k-steps into `a` (all 16
+  // registers first: the decodes interleave), 4 wgmmas as one group, wait for the previous
+  // chunk's group, then release its stage. The two register buffers alternate by chunk parity,
+  // so a chunk's decode overlaps the previous chunk's MMAs.
+  // Ring: chunk i (counted from cb) uses stage i % STAGES, its (i / STAGES)-th fill; the refill
+  // for chunk i + PD reuses the stage of chunk i - 2, released by every warp in iteration i - 1.
+  int st = 0, st_phase = 0;               // stage / full-parity of the chunk being consumed
+  int ld = PD, ld_phase = 1;              // stage / empty-parity of the chunk being loaded
+  int rel = 0;                            // stage of the previous chunk (to release)
   auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
-    cp_async_wait<PD - 1>();  // this thread's copies of chunk cc have landed
+    if (cc + PD < ce) {
+      mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's last chunk
+      issue(cc + PD, ld);
+      mbar_arrive_cp_async(full0 + 8 * ld);
+    }
+    if (++ld == STAGES) { ld = 0; ld_phase ^= 1; }
+    mbar_wait(full0 + 8 * st, st_phase);  // chunk cc has landed (every thread's copies)
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    __syncthreads();  // chunk cc is in shared memory for every thread
-    // Ring: stage (cc + PD) % STAGES was last read by chunk cc - 2, whose MMAs all completed
-    // (only chunk cc - 1's wgmma group can be in flight past this barrier).
-    {
-      const int nxt = cc + PD;
-      if (nxt < ce) issue(nxt, st + PD < STAGES ? st + PD : st + PD - STAGES);
-      cp_async_commit();
-    }
     const uint8_t* sg = sgen + st * Smem::kStage;
     Frag<BITS> f;
     {
@@ -287,7 +326,12 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
     for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc, a[s], desc[s]);
     wgmma_commit();
     wgmma_wait<1>();  // chunk cc - 1's group is done: its registers and ring stage are free
-    if (++st == STAGES) st = 0;
+    if (cc > cb) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * rel);
+    }
+    rel = st;
+    if (++st == STAGES) { st = 0; st_phase ^= 1; }
   };
   uint32_t a0[4][4], a1[4][4];
   // (The odd tail stays outside the loop: every path then alternates a0 / a1, which is what lets

@@ -128,3 +128,16 @@ def test_model_families_quantize_save_load_generate(family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 7)
+
+
+def test_flute_linear_compiles_without_graph_breaks_after_warmup():
+    """After one eager call, torch.compile(fullgraph=True) traces FluteLinear (needed for
+    transformers' static-cache generate, which compiles the decode step)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 64, bias=True)
+    model = torch.nn.Sequential(lin)
+    hf.prepare_model(model, num_bits=4, group_size=64, progress=False)
+    x = torch.randn(3, 128)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), eager)

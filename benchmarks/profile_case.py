@@ -1,0 +1,41 @@
+"""One launch per (shape, M) of the op's chosen path (or a forced one), for Nsight Compute.
+
+    ncu --clock-control none --section SpeedOfLight --section WarpStateStats -k regex:lut_ \\
+        python3 benchmarks/profile_case.py --shapes 8B-gate_up --ms 64,4096 [--path tc]
+
+Warm-up calls run before the profiled ones (use ``--launch-skip`` in ncu to skip them).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kernel import SHAPES, Layer  # noqa: E402
+
+from flute_vllm import cuda_op  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="8B-gate_up")
+    ap.add_argument("--ms", default="64,4096")
+    ap.add_argument("--path", default=None, choices=[None, "lut", "tc", "dense"])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args(argv)
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        q, s, t = Layer(n, k, args.bits, args.group_size, torch.float16).copies[0]
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            cuda_op.gemm(x, q, s, t, args.bits, args.group_size, force_path=args.path)
+            torch.cuda.synchronize()
+            print(f"{name} M={m} path={args.path or 'auto'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
