@@ -251,37 +251,43 @@ def _ctas_per_sm(bits: int, m_tiles: int, dtype_name: str, device_index: int) ->
         return max(1, int(_ext().ctas_per_sm(bits, m_tiles, dtype_name)))
 
 
-def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
-         resident: Optional[int] = None) -> dict:
-    """Launch plan: m_tiles, split-K (CTAs along K) and chunks per split.
+def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits: Optional[int]) -> tuple[int, int]:
+    """(splits, chunks per split) for ``ctas`` CTAs of ``nch`` 64-wide K chunks each.
 
-    Split-K minimises a wave model of the run time: ceil(CTAs / resident CTAs on the GPU) waves,
-    each as long as one CTA's work (its 64-wide K chunks plus ``cta_overhead_chunks`` for the
-    prologue and the split-K reduction), with at least ``min_chunks_per_split`` chunks per split.
+    Unless given, split-K minimises a wave model of the run time: ceil(CTAs * splits / resident
+    slots) waves, each as long as one CTA's work (its chunks plus ``overhead`` for the prologue and
+    the split-K reduction), with at least ``min_chunks_per_split`` chunks per split. No split when
+    the counters (one per output tile) would not fit.
     """
-    mt = m_tiles or m_tiles_for(m)
-    nt = 2 if mt == 4 else 1  # kernels/flute_kernel.h gemm_n_tiles_per_warp
-    grid_x = -(-n // (TILE_N * nt * WARPS_PER_CTA))
-    m_chunks = -(-m // (8 * mt))
-    nch = _padded_k(k) // CHUNK_K
     if splits is None:
-        slots = max(1, cfg["sm_count"] * (resident or 4))
-        base = grid_x * m_chunks
-        overhead = float(cfg.get("cta_overhead_chunks", 2.0))
+        slots = max(1, slots)
         max_s = max(1, min(nch // max(1, cfg["min_chunks_per_split"]), cfg["max_splits"]))
         best = None
         for s in range(1, max_s + 1):
             cps = -(-nch // s)
             s_eff = -(-nch // cps)
-            cost = -(-(base * s_eff) // slots) * (cps + overhead)
+            cost = -(-(ctas * s_eff) // slots) * (cps + overhead)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, s_eff)
         splits = best[1]
     splits = max(1, min(int(splits), nch))
-    if grid_x * m_chunks > COUNTER_SLOTS:
+    if ctas > COUNTER_SLOTS:
         splits = 1
     cps = -(-nch // splits)
-    splits = -(-nch // cps)
+    return -(-nch // cps), cps
+
+
+def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
+         resident: Optional[int] = None) -> dict:
+    """Launch plan of the mma.sync kernel: m_tiles, split-K (CTAs along K), chunks per split
+    (:func:`_split_k`'s wave model with ``resident`` CTAs per SM and ``cta_overhead_chunks``)."""
+    mt = m_tiles or m_tiles_for(m)
+    nt = 2 if mt == 4 else 1  # kernels/flute_kernel.h gemm_n_tiles_per_warp
+    grid_x = -(-n // (TILE_N * nt * WARPS_PER_CTA))
+    m_chunks = -(-m // (8 * mt))
+    nch = _padded_k(k) // CHUNK_K
+    splits, cps = _split_k(grid_x * m_chunks, nch, cfg, cfg["sm_count"] * (resident or 4),
+                           float(cfg.get("cta_overhead_chunks", 2.0)), splits)
     return {"m_tiles": mt, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "m_chunks": m_chunks}
 
 
@@ -324,25 +330,9 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     grid_x = -(-n // TC_ROWS_PER_CTA)
     grid_y = -(-m // block_m)
     nch = _padded_k(k) // CHUNK_K
-    if splits is None:
-        resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
-        slots = max(1, cfg["sm_count"] * resident)
-        base = grid_x * grid_y
-        overhead = float(cfg.get("tc_overhead_chunks", 2.0))
-        max_s = max(1, min(nch // max(1, cfg["min_chunks_per_split"]), cfg["max_splits"]))
-        best = None
-        for s in range(1, max_s + 1):
-            cps = -(-nch // s)
-            s_eff = -(-nch // cps)
-            cost = -(-(base * s_eff) // slots) * (cps + overhead)
-            if best is None or cost < best[0] - 1e-9:
-                best = (cost, s_eff)
-        splits = best[1]
-    splits = max(1, min(int(splits), nch))
-    if grid_x * grid_y > COUNTER_SLOTS:
-        splits = 1
-    cps = -(-nch // splits)
-    splits = -(-nch // cps)
+    resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
+    splits, cps = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
+                           float(cfg.get("tc_overhead_chunks", 2.0)), splits)
     return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y}
 
 

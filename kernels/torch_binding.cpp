@@ -24,28 +24,29 @@ void check_cuda(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "flute: ", name, " must be 16-byte aligned");
 }
 
-// out[M, N] = x @ W^T; workspace fp32 (may be empty when splits == 1), counters int32.
-void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-          const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
-          int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles) {
+// Shared checks of both GEMM entry points and their launch parameters. x is [M, K] (or, for the
+// tensor-core path, [M, Kp] permuted); workspace fp32 (may be empty when splits == 1), counters int32.
+flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Tensor& qweight,
+                              const torch::Tensor& scales, const torch::Tensor& tables, torch::Tensor& out,
+                              torch::Tensor& workspace, torch::Tensor& counters, int64_t bits, int64_t group_size,
+                              int64_t splits, int64_t chunks_per_split, int64_t m_tiles, int64_t workspace_floats,
+                              int64_t counter_slots) {
   check_cuda(x, "x");
   check_cuda(qweight, "qweight");
   check_cuda(scales, "scales");
   check_cuda(tables, "tables");
   check_cuda(out, "out");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  const int64_t M = x.size(0), N = out.size(1);
   TORCH_CHECK(out.size(0) == M, "flute: out rows");
   TORCH_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "flute: qweight size");
   TORCH_CHECK(scales.numel() == N * (K / group_size), "flute: scales size");
   TORCH_CHECK(tables.numel() == (N / 16) * flute::kTableWords, "flute: tables size");
-  const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
   if (splits > 1) {
     check_cuda(workspace, "workspace");
     check_cuda(counters, "counters");
-    TORCH_CHECK(workspace.numel() >= m_chunks * splits * 8 * m_tiles * N, "flute: workspace too small");
-    TORCH_CHECK(counters.numel() >= m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles), "flute: counters too small");
+    TORCH_CHECK(workspace.numel() >= workspace_floats, "flute: workspace too small");
+    TORCH_CHECK(counters.numel() >= counter_slots, "flute: counters too small");
   }
-  const at::cuda::CUDAGuard guard(x.device());
   flute::GemmParams p{};
   p.x = x.data_ptr();
   p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
@@ -58,6 +59,20 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
   p.bits = (int)bits; p.group_size = (int)group_size;
   p.splits = (int)splits; p.chunks_per_split = (int)chunks_per_split; p.m_tiles = (int)m_tiles;
   p.dtype = dtype_of(x);
+  return p;
+}
+
+// out[M, N] = x @ W^T, mma.sync kernel (m_tiles 8-row activation tiles per CTA).
+void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+          const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
+          int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles) {
+  const int64_t M = x.size(0), N = out.size(1);
+  const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
+  const flute::GemmParams p = gemm_params(x, x.size(1), qweight, scales, tables, out, workspace, counters, bits,
+                                          group_size, splits, chunks_per_split, m_tiles,
+                                          m_chunks * splits * 8 * m_tiles * N,
+                                          m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles));
+  const at::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = flute::launch_gemm(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flute: gemm launch failed: ", cudaGetErrorString(err));
 }
@@ -68,39 +83,14 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
 void gemm_wgmma(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qweight, const torch::Tensor& scales,
                 const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
                 int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t block_m) {
-  const torch::Tensor& x = x_perm;
-  check_cuda(x, "x");
-  check_cuda(qweight, "qweight");
-  check_cuda(scales, "scales");
-  check_cuda(tables, "tables");
-  check_cuda(out, "out");
-  const int64_t M = x.size(0), N = out.size(1);
-  TORCH_CHECK(x.size(1) == (K + 63) / 64 * 64 && K % 32 == 0, "flute: x_perm must be [M, K rounded up to 64]");
-  TORCH_CHECK(out.size(0) == M, "flute: out rows");
+  const at::cuda::CUDAGuard guard(x_perm.device());  // wgmma_supported() asks the current device
+  const int64_t M = x_perm.size(0), N = out.size(1);
+  TORCH_CHECK(x_perm.size(1) == (K + 63) / 64 * 64 && K % 32 == 0, "flute: x_perm must be [M, K rounded up to 64]");
   TORCH_CHECK(block_m == 64 || block_m == 128 || block_m == 256, "flute: block_m must be 64, 128 or 256");
-  TORCH_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "flute: qweight size");
-  TORCH_CHECK(scales.numel() == N * (K / group_size), "flute: scales size");
-  TORCH_CHECK(tables.numel() == (N / 16) * flute::kTableWords, "flute: tables size");
   TORCH_CHECK(flute::wgmma_supported(), "flute: the tensor-core path needs an sm_90 GPU and an sm_90a build");
-  if (splits > 1) {
-    check_cuda(workspace, "workspace");
-    check_cuda(counters, "counters");
-    TORCH_CHECK(workspace.numel() >= splits * M * N, "flute: workspace too small");
-    TORCH_CHECK(counters.numel() >= flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m), "flute: counters too small");
-  }
-  const at::cuda::CUDAGuard guard(x.device());
-  flute::GemmParams p{};
-  p.x = x.data_ptr();
-  p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
-  p.scales = scales.data_ptr();
-  p.tables = reinterpret_cast<const uint32_t*>(tables.data_ptr());
-  p.out = out.data_ptr();
-  p.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
-  p.counters = splits > 1 ? counters.data_ptr<int>() : nullptr;
-  p.M = (int)M; p.N = (int)N; p.K = (int)K;
-  p.bits = (int)bits; p.group_size = (int)group_size;
-  p.splits = (int)splits; p.chunks_per_split = (int)chunks_per_split; p.m_tiles = (int)(block_m / 8);
-  p.dtype = dtype_of(x);
+  const flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits,
+                                          group_size, splits, chunks_per_split, block_m / 8, splits * M * N,
+                                          flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m));
   const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm launch failed: ", cudaGetErrorString(err));
 }

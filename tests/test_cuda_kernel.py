@@ -357,3 +357,22 @@ def test_bad_inputs_raise_value_errors():
         cuda_op.prepare(qweight, scales, tables, ends, 4, 48)
     with pytest.raises(ValueError, match="qweight"):
         cuda_op.prepare(qweight.float(), scales, tables, ends, 4, 64)
+
+
+def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
+    """plan / plan_tc (no GPU needed): every K chunk is covered exactly by the splits, small grids
+    are split along K to fill the GPU, huge grids are not, block_m follows the config table."""
+    cfg = {"sm_count": 132, "cta_overhead_chunks": 2.0, "tc_overhead_chunks": 2.0, "min_chunks_per_split": 4,
+           "max_splits": 32, "tc_block_m": [[64, 64], [128, 128], [1 << 30, 256]]}
+    for m, n, k in [(1, 4096, 4096), (16, 6144, 4096), (64, 57344, 8192), (300, 4096, 14336), (4096, 28672, 4096),
+                    (7, 2048, 576)]:
+        for p in (cuda_op.plan(m, n, k, cfg, resident=8), cuda_op.plan_tc(m, n, k, cfg)):
+            nch = cuda_op._padded_k(k) // 64
+            assert p["splits"] * p["chunks_per_split"] >= nch > (p["splits"] - 1) * p["chunks_per_split"]
+    small = cuda_op.plan_tc(64, 4096, 4096, cfg)  # 32 CTAs on 132 SMs: split along K
+    assert small["block_m"] == 64 and small["splits"] > 1
+    big = cuda_op.plan_tc(8192, 28672, 4096, cfg)  # 224 x 32 CTAs: many waves already
+    assert big["block_m"] == 256 and big["splits"] == 1
+    assert cuda_op.plan_tc(100, 4096, 4096, cfg)["block_m"] == 128
+    with pytest.raises(ValueError, match="block_m=96"):
+        cuda_op.plan_tc(100, 4096, 4096, cfg, block_m=96)
