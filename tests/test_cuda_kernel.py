@@ -7,6 +7,9 @@ packs, so a layout bug shows on CI even without a GPU.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 import random
 
 import pytest
@@ -376,3 +379,31 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
     assert cuda_op.plan_tc(100, 4096, 4096, cfg)["block_m"] == 128
     with pytest.raises(ValueError, match="block_m=96"):
         cuda_op.plan_tc(100, 4096, 4096, cfg, block_m=96)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
+def test_kernels_compile_with_nvcc_cpu(tmp_path):
+    """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build; the wgmma kernels
+    neither spill nor get their MMAs serialised by ptxas (warning C7513)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flute_vllm import _build
+
+    def compile_one(src):
+        cmd = ["nvcc", *_build.NVCC_FLAGS, "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80",
+               "-Xptxas", "-v", "-I", str(_build.KERNEL_DIR), "-c", str(_build.KERNEL_DIR / src),
+               "-o", str(tmp_path / (src + ".o"))]
+        return src, subprocess.run(cmd, capture_output=True, text=True)
+
+    sources = [s for s in _build.SOURCES if s.endswith(".cu")]
+    with ThreadPoolExecutor(len(sources)) as pool:
+        results = dict(pool.map(compile_one, sources))
+    for src, res in results.items():
+        assert res.returncode == 0, f"{src}:\n{res.stderr[-3000:]}"
+    log = results["flute_wgmma.cu"].stderr
+    assert "C7513" not in log, log[-3000:]
+    # ptxas -v: "Compiling entry function '<name>' for 'sm_90a'" ... "<n> bytes spill stores"
+    entries = re.findall(r"Compiling entry function '([^']*lut_wgmma_kernel[^']*)' for 'sm_90a'\n.*\n\s*(\d+) bytes stack frame, "
+                         r"(\d+) bytes spill stores", log)
+    assert len(entries) == 18, log[-2000:]  # bits 2/3/4 x BN 64/128/256 x fp16/bf16
+    assert all(stores == "0" for _, _, stores in entries), entries
