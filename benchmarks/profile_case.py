@@ -14,9 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernel import SHAPES, Layer  # noqa: E402
+from kernel import SHAPES  # noqa: E402
 
 from flute_vllm import cuda_op  # noqa: E402
+from flute_vllm.timing import Layer  # noqa: E402
 
 
 def main(argv=None):

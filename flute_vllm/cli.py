@@ -1,6 +1,7 @@
 """``python -m flute_vllm <command>``.
 
-Commands: ``quantize``, ``smollm2`` (fetch the bundled demo model). Any other first argument that
+Commands: ``quantize``, ``eval``, ``convert``, ``smollm2`` (fetch the bundled demo model),
+``autotune`` (measure this GPU's kernel-path crossovers, write its config). Any other first argument that
 names a Python module (e.g. ``vllm.entrypoints.openai.api_server``) is run after registering the
 flute vLLM plugin, with the remaining arguments.
 """
@@ -15,7 +16,7 @@ from typing import Optional, Sequence
 from .format import SUPPORTED_GROUP_SIZES
 from .tables import SUPPORTED_BITS, TABLE_KINDS
 
-COMMANDS = ("quantize", "eval", "smollm2", "convert")
+COMMANDS = ("quantize", "eval", "smollm2", "convert", "autotune")
 
 
 def _parse_table(value: str):
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("smollm2", help="write the bundled SmolLM2-135M-Instruct as a dense HF directory")
     s.add_argument("dst")
+
+    a = sub.add_parser("autotune", help="time the CUDA kernel paths on this GPU and write its dispatch config (~1 min)")
+    a.add_argument("--out", default=None, help="config file to write (default: ~/.cache/flute_vllm/configs/<gpu>.json)")
+    a.add_argument("--quick", action="store_true", help="one shape instead of three")
 
     from .convert import add_convert_parser
 
@@ -159,6 +164,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             from .demo import smollm2
 
             print(smollm2(args.dst))
+        elif args.command == "autotune":
+            from pathlib import Path
+
+            from .autotune import autotune
+
+            autotune(Path(args.out) if args.out else None, quick=args.quick)
         elif args.command == "convert":
             from .convert import run_convert
 

@@ -202,18 +202,30 @@ def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: in
 
 @lru_cache(maxsize=None)
 def _all_configs() -> list[dict]:
+    """Configs written by ``python -m flute_vllm autotune`` (user cache) first, then ``configs/``."""
+    from .autotune import user_config_dir
+
     cfgs = []
-    for path in sorted(CONFIG_DIR.glob("*.json")):
-        with open(path) as f:
-            cfg = json.load(f)
-        cfg["_file"] = path.name
-        cfgs.append(cfg)
+    for folder in (user_config_dir(), CONFIG_DIR):
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            with open(path) as f:
+                cfg = json.load(f)
+            cfg["_file"] = str(path) if folder != CONFIG_DIR else path.name
+            cfgs.append(cfg)
     return cfgs
+
+
+def match_config(name: str, configs: list[dict]) -> dict:
+    """The first config whose ``match`` strings occur in the device ``name``, else ``default.json``'s."""
+    for cfg in configs:
+        if any(s.lower() in name.lower() for s in cfg.get("match", [])):
+            return cfg
+    return next((c for c in configs if c.get("_file") == "default.json"), {})
 
 
 @lru_cache(maxsize=None)
 def device_config(device_index: int) -> dict:
-    """The tuned config whose ``match`` strings occur in the device name, else ``default.json``'s."""
+    """The tuned config of this device (:func:`match_config`) over the built-in defaults."""
     props = torch.cuda.get_device_properties(device_index)
     name = props.name
     default = {
@@ -226,13 +238,7 @@ def device_config(device_index: int) -> dict:
         "tc_block_m": [[64, 64], [128, 128], [1 << 30, 256]],
         "tc_overhead_chunks": 2.0,
     }
-    chosen = None
-    for cfg in _all_configs():
-        if any(s.lower() in name.lower() for s in cfg.get("match", [])):
-            chosen = cfg
-            break
-    if chosen is None:
-        chosen = next((c for c in _all_configs() if c.get("_file") == "default.json"), {})
+    chosen = match_config(name, _all_configs())
     out = dict(default)
     out.update({k: v for k, v in chosen.items() if not k.startswith("_")})
     out["sm_count"] = props.multi_processor_count

@@ -8,7 +8,6 @@ device. On GPUs it also times every rank's shard (CUDA graph, L2 defeated by rot
 copies) against the unsharded layer and against cuBLAS fp16 on the same shard.
 """
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -17,7 +16,6 @@ from flute_vllm import ops
 from flute_vllm.format import check_tp_split, shard_tensor
 from flute_vllm.quantize import pack, quantize_weight
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 # (name, sub-layer output sizes, K, parallel)
 LLAMA3_70B = [("qkv", [8192, 1024, 1024], 8192, "column"), ("o", [8192], 8192, "row"),
@@ -108,7 +106,7 @@ def _time_layer(name, parts, k, bits, group_size, dtype, m, x, full, full_ends, 
     nbytes = local[0].numel() * 4 + local[1].numel() * local[1].element_size()
     copies = max(1, min(8, (240 << 20) // max(nbytes, 1) + 1))
     loc = [tuple(t.clone() for t in local) for _ in range(copies)]
-    from kernel import time_graph  # benchmarks/kernel.py: the project's CUDA-graph timer
+    from flute_vllm.timing import time_graph  # the project's CUDA-graph timer
 
     ours = time_graph([lambda w=w: ops.lut_linear(x_local, *w, ends, bits, group) for w in loc], 200)
     unsharded = time_graph([lambda: ops.lut_linear(x, *full, full_ends, bits, g_full)], 200)

@@ -1,0 +1,123 @@
+"""``python -m flute_vllm autotune``: measure where this GPU's kernel paths cross over and write its
+config, so that an untuned GPU gets tuned dispatch in about a minute.
+
+The op has three CUDA paths (see ``cuda_op.choose_path``): the mma.sync LUT kernel (small M), the
+sm_90a wgmma kernel (Hopper, mid M) and dequantize + cuBLAS (large M). Which is fastest at a given
+M depends on the GPU. This times all of them (fp16, W4 g128, three Llama-3 shapes, L2 defeated,
+CUDA graphs), takes the geo-mean over the shapes per M, and writes the thresholds to
+``~/.cache/flute_vllm/configs/<gpu>.json`` (``$FLUTE_VLLM_CACHE``), which ``cuda_op.device_config``
+prefers over the configs shipped in ``configs/``. Split-K keeps its wave model (no tuning needed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SHAPES = {"8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "70B-down": (8192, 28672)}
+MS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+NEVER = 1 << 30
+
+
+def user_config_dir() -> Path:
+    from ._build import cache_root
+
+    return cache_root() / "configs"
+
+
+def _geo(xs) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
+    """Thresholds from ``times[path][m]`` (µs, paths ``lut``, ``dense`` and optionally ``tc``).
+
+    ``dequant_min_m``: the smallest measured M from which dense + cuBLAS beats the LUT kernel at
+    every larger measured M. ``tc_min_m`` / ``tc_max_m``: the first run of measured Ms in which
+    the tensor-core path beats both others (an empty range when it never does or is absent).
+    """
+    ms = sorted(times["lut"])
+    lut, dense, tc = times["lut"], times["dense"], times.get("tc")
+    dequant_min_m = NEVER
+    for m in reversed(ms):
+        if dense[m] < lut[m]:
+            dequant_min_m = m
+        else:
+            break
+    tc_min_m, tc_max_m = NEVER, 0
+    if tc:
+        wins = [m for m in ms if tc[m] < min(lut[m], dense[m])]
+        if wins:
+            tc_min_m = wins[0]
+            tc_max_m = tc_min_m
+            for m in ms[ms.index(tc_min_m) + 1:]:
+                if m not in wins:
+                    break
+                tc_max_m = m
+    return {"dequant_min_m": dequant_min_m, "tc_min_m": tc_min_m, "tc_max_m": tc_max_m}
+
+
+def measure(shapes: dict = SHAPES, ms=MS, bits: int = 4, group_size: int = 128,
+            dtype: torch.dtype = torch.float16) -> dict[str, dict[int, float]]:
+    """Geo-mean µs per path and M over ``shapes`` on the current GPU."""
+    from . import cuda_op
+    from .timing import Layer, time_graph
+
+    dev = torch.cuda.current_device()
+    paths = ["lut", "dense"] + (["tc"] if cuda_op.tc_available(dev) else [])
+    per: dict[str, dict[int, list[float]]] = {p: {m: [] for m in ms} for p in paths}
+    for n, k in shapes.values():
+        layer = Layer(n, k, bits, group_size, dtype)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            for p in paths:
+                per[p][m].append(time_graph(
+                    [lambda c=c, p=p: cuda_op.gemm(x, c[0], c[1], c[2], bits, group_size, force_path=p)
+                     for c in layer.copies], 50, replays=3))
+        del layer
+        torch.cuda.empty_cache()
+    return {p: {m: _geo(v) for m, v in d.items()} for p, d in per.items()}
+
+
+def config_for(gpu: str, times: dict[str, dict[int, float]]) -> dict:
+    """The config file content for ``gpu`` (exact device name) from measured times."""
+    return {
+        "name": f"{gpu} (autotuned {time.strftime('%Y-%m-%d')})",
+        "match": [gpu],
+        **choose_thresholds(times),
+        "measured_us": {p: {str(m): round(v, 2) for m, v in d.items()} for p, d in times.items()},
+        "notes": "Written by `python -m flute_vllm autotune` (fp16 W4 g128, geo-mean over "
+                 + ", ".join(SHAPES) + "); other keys come from configs/default.json.",
+    }
+
+
+def write_config(cfg: dict, out: Optional[Path] = None) -> Path:
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", cfg["match"][0]).strip("_").lower()
+        out = user_config_dir() / f"{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def autotune(out: Optional[Path] = None, quick: bool = False) -> Path:
+    if not torch.cuda.is_available():
+        raise RuntimeError("autotune needs a CUDA GPU (none visible)")
+    t0 = time.time()
+    gpu = torch.cuda.get_device_name()
+    shapes = {"8B-o": SHAPES["8B-o"]} if quick else SHAPES
+    times = measure(shapes)
+    path = write_config(config_for(gpu, times), out)
+    from . import cuda_op
+
+    cuda_op._all_configs.cache_clear()  # this process picks the new config up too
+    cuda_op.device_config.cache_clear()
+    cfg = json.loads(path.read_text())
+    print(f"{gpu}: dequant_min_m={cfg['dequant_min_m']} tc_min_m={cfg['tc_min_m']} tc_max_m={cfg['tc_max_m']} "
+          f"({time.time() - t0:.0f}s) -> {path}")
+    return path

@@ -1,0 +1,51 @@
+"""``python -m flute_vllm autotune`` without a GPU: the threshold choice from measured times, the
+config it writes and that dispatch picks that config up (the timing itself needs CUDA)."""
+import json
+
+import pytest
+
+from flute_vllm import autotune, cuda_op
+from flute_vllm.cli import main as cli_main
+
+MS = [16, 32, 64, 128, 256, 512]
+
+
+def _times(lut, dense, tc=None):
+    t = {"lut": dict(zip(MS, lut)), "dense": dict(zip(MS, dense))}
+    if tc is not None:
+        t["tc"] = dict(zip(MS, tc))
+    return t
+
+
+def test_thresholds_from_times():
+    # lut wins small M, tc 64..128, dense from 256 on
+    t = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[20, 20, 22, 30, 45, 80])
+    assert autotune.choose_thresholds(t) == {"dequant_min_m": 128, "tc_min_m": 64, "tc_max_m": 128}
+    # no tensor-core path; dense beats lut at 32 but not at 64: only the run reaching the top counts
+    t = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 13, 31, 33, 40, 60])
+    assert autotune.choose_thresholds(t) == {"dequant_min_m": 128, "tc_min_m": autotune.NEVER, "tc_max_m": 0}
+    # tc never wins
+    t = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[99] * 6)
+    assert autotune.choose_thresholds(t)["tc_min_m"] == autotune.NEVER
+
+
+def test_written_config_is_preferred_for_its_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUTE_VLLM_CACHE", str(tmp_path))
+    t = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[20, 20, 22, 30, 45, 80])
+    path = autotune.write_config(autotune.config_for("NVIDIA H100 80GB HBM3", t))
+    assert path.parent == tmp_path / "configs" and json.loads(path.read_text())["tc_max_m"] == 128
+    cuda_op._all_configs.cache_clear()
+    try:
+        cfgs = cuda_op._all_configs()
+        chosen = cuda_op.match_config("NVIDIA H100 80GB HBM3", cfgs)
+        assert chosen["_file"] == str(path) and chosen["tc_min_m"] == 64
+        assert cuda_op.match_config("NVIDIA H200", cfgs)["_file"] == "h200.json"
+        assert cuda_op.match_config("Some Other GPU", cfgs)["_file"] == "default.json"
+    finally:
+        cuda_op._all_configs.cache_clear()
+
+
+def test_cli_autotune_without_a_gpu_fails_clearly(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit, match="autotune needs a CUDA GPU"):
+        cli_main(["autotune"])
