@@ -15,7 +15,11 @@ Kernel layout (made once by :func:`prepare`; see kernels/NOTES.md):
 
 Requirements (ValueError otherwise): N % 16 == 0, K % 32 == 0, every shard end % 16 == 0,
 G in {32, 64, 128, 256} or G == K, scales dtype fp16/bf16/fp32 == activation dtype at call time.
-fp32 activations and large M run dequantize-to-dense + cuBLAS (``torch.nn.functional.linear``).
+
+Paths (:func:`choose_path`, thresholds per GPU in ``configs/`` or from ``python -m flute_vllm
+autotune``): ``lut`` the mma.sync LUT kernel (small M, sm_80+), ``tc`` the sm_90a wgmma kernel
+(Hopper, mid M; activations permuted to the layout's K order by :func:`permute_activations`),
+``dense`` dequantize-to-dense + cuBLAS (``torch.nn.functional.linear``; large M and fp32).
 """
 from __future__ import annotations
 
