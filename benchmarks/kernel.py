@@ -48,7 +48,7 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name()
 
 
-def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=(256, 1024, 4096, 8192)):
+def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=(64, 256, 1024, 4096, 8192)):
     dev = torch.device("cuda")
     layer = Layer(n, k, bits, g, dtype)
     if "cublas" in kernels:
@@ -120,7 +120,7 @@ def write_markdown(records, path, gpu):
     lines = [f"# flute kernel benchmark on {gpu}", "",
              "Times in µs (median per call of a CUDA graph of many calls, L2 defeated by rotating weight copies). "
              "`flute` is the mma.sync LUT kernel; `flute_tc` the sm_90a wgmma kernel (M >= 16, Hopper); "
-             "`flute_dense` is dequantize + cuBLAS (measured at M >= 256); "
+             "`flute_dense` is dequantize + cuBLAS (measured at M = 64 and M >= 256); "
              "`best` takes the fastest of ours per case. Speedup is vs cuBLAS `F.linear` in the same dtype, same run. "
              f"Roofline: {HBM_BW / 1e12:.2f} TB/s read bandwidth measured in the same run (4 GiB sum).",
              ""]

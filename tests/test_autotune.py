@@ -49,3 +49,17 @@ def test_cli_autotune_without_a_gpu_fails_clearly(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(SystemExit, match="autotune needs a CUDA GPU"):
         cli_main(["autotune"])
+
+
+def test_choose_path_by_m_dtype_and_layer_size(monkeypatch):
+    cfg = {"tc_min_m": 33, "tc_max_m": 192, "dequant_min_m": 65, "tc_dense_max_nk": 4096 * 4096}
+    monkeypatch.setattr(cuda_op, "tc_available", lambda dev: True)
+    f16 = cuda_op.torch.float16
+    assert cuda_op.choose_path(16, f16, cfg, 0, 28672 * 4096) == "lut"
+    assert cuda_op.choose_path(64, f16, cfg, 0, 28672 * 4096) == "tc"
+    assert cuda_op.choose_path(64, f16, cfg, 0, 4096 * 2048) == "dense"  # small layer: cuBLAS wins
+    assert cuda_op.choose_path(256, f16, cfg, 0, 28672 * 4096) == "dense"
+    assert cuda_op.choose_path(4, cuda_op.torch.float32, cfg, 0, 64) == "dense"
+    monkeypatch.setattr(cuda_op, "tc_available", lambda dev: False)  # not Hopper
+    assert cuda_op.choose_path(64, f16, cfg, 0, 28672 * 4096) == "lut"
+    assert cuda_op.choose_path(65, f16, cfg, 0, 28672 * 4096) == "dense"
