@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -102,7 +102,7 @@ def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=
 
 def geo(xs):
     xs = [x for x in xs if x]
-    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+    return statistics.geometric_mean(xs) if xs else float("nan")
 
 
 def best_flute(recs):

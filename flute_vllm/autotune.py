@@ -11,8 +11,8 @@ prefers over the configs shipped in ``configs/``. Split-K keeps its wave model (
 from __future__ import annotations
 
 import json
-import math
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,16 +22,6 @@ import torch
 SHAPES = {"8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "70B-down": (8192, 28672)}
 MS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NEVER = 1 << 30
-
-
-def user_config_dir() -> Path:
-    from ._build import cache_root
-
-    return cache_root() / "configs"
-
-
-def _geo(xs) -> float:
-    return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
 def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
@@ -81,7 +71,7 @@ def measure(shapes: dict = SHAPES, ms=MS, bits: int = 4, group_size: int = 128,
                      for c in layer.copies], 50, replays=3))
         del layer
         torch.cuda.empty_cache()
-    return {p: {m: _geo(v) for m, v in d.items()} for p, d in per.items()}
+    return {p: {m: statistics.geometric_mean(v) for m, v in d.items()} for p, d in per.items()}
 
 
 def config_for(gpu: str, times: dict[str, dict[int, float]]) -> dict:
@@ -98,6 +88,8 @@ def config_for(gpu: str, times: dict[str, dict[int, float]]) -> dict:
 
 def write_config(cfg: dict, out: Optional[Path] = None) -> Path:
     if out is None:
+        from .cuda_op import user_config_dir
+
         slug = re.sub(r"[^A-Za-z0-9]+", "_", cfg["match"][0]).strip("_").lower()
         out = user_config_dir() / f"{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

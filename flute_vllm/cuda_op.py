@@ -204,11 +204,16 @@ def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: in
 # configs
 
 
+def user_config_dir() -> Path:
+    """Where ``python -m flute_vllm autotune`` writes configs (read before ``configs/``)."""
+    from ._build import cache_root
+
+    return cache_root() / "configs"
+
+
 @lru_cache(maxsize=None)
 def _all_configs() -> list[dict]:
     """Configs written by ``python -m flute_vllm autotune`` (user cache) first, then ``configs/``."""
-    from .autotune import user_config_dir
-
     cfgs = []
     for folder in (user_config_dir(), CONFIG_DIR):
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
