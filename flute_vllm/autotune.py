@@ -82,7 +82,7 @@ def config_for(gpu: str, times: dict[str, dict[int, float]]) -> dict:
         **choose_thresholds(times),
         "measured_us": {p: {str(m): round(v, 2) for m, v in d.items()} for p, d in times.items()},
         "notes": "Written by `python -m flute_vllm autotune` (fp16 W4 g128, geo-mean over "
-                 + ", ".join(SHAPES) + "); other keys come from configs/default.json.",
+                 + ", ".join(SHAPES) + "); other keys come from the shipped configs/ file for this GPU.",
     }
 
 

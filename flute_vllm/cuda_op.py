@@ -24,6 +24,7 @@ autotune``): ``lut`` the mma.sync LUT kernel (small M, sm_80+), ``tc`` the sm_90
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -232,28 +233,34 @@ def match_config(name: str, configs: list[dict]) -> dict:
     return next((c for c in configs if c.get("_file") == "default.json"), {})
 
 
+def resolve_config(name: str, configs: list[dict]) -> dict:
+    """The knobs for device ``name``: ``default.json``, overlaid by the shipped file matching the
+    device, overlaid by an autotuned file from the user config dir (which only measures the path
+    thresholds, so the shipped per-GPU knobs it does not measure stay)."""
+    shipped = [c for c in configs if not os.path.isabs(c.get("_file", ""))]
+    user = [c for c in configs if os.path.isabs(c.get("_file", ""))]
+    layers = [next((c for c in shipped if c.get("_file") == "default.json"), {}), match_config(name, shipped)]
+    tuned = next((c for c in user if any(s.lower() in name.lower() for s in c.get("match", []))), None)
+    if tuned is not None:
+        layers.append(tuned)
+    out: dict = {}
+    for layer in layers:
+        out.update({k: v for k, v in layer.items() if not k.startswith("_") and k not in ("name", "match", "notes")})
+    out["config_file"] = "+".join(dict.fromkeys(str(layer.get("_file", "<none>")) for layer in layers))
+    return out
+
+
 @lru_cache(maxsize=None)
 def device_config(device_index: int) -> dict:
-    """The tuned config of this device (:func:`match_config`) over the built-in defaults."""
+    """The config of this device (:func:`resolve_config`) with its SM count and name."""
     props = torch.cuda.get_device_properties(device_index)
-    name = props.name
-    default = {
-        "cta_overhead_chunks": 2.0,
-        "min_chunks_per_split": 4,
-        "max_splits": 32,
-        "dequant_min_m": 65,
-        "tc_min_m": 33,
-        "tc_max_m": 192,
-        "tc_block_m": [[64, 64], [128, 128], [1 << 30, 256]],
-        "tc_overhead_chunks": 2.0,
-        "tc_dense_max_nk": 0,
-    }
-    chosen = match_config(name, _all_configs())
-    out = dict(default)
-    out.update({k: v for k, v in chosen.items() if not k.startswith("_")})
+    out = resolve_config(props.name, _all_configs())
+    missing = {"cta_overhead_chunks", "min_chunks_per_split", "max_splits", "dequant_min_m", "tc_min_m", "tc_max_m",
+               "tc_block_m", "tc_overhead_chunks", "tc_dense_max_nk"} - out.keys()
+    if missing:
+        raise RuntimeError(f"flute_vllm configs ({out['config_file']}) lack keys {sorted(missing)}")
     out["sm_count"] = props.multi_processor_count
-    out["device_name"] = name
-    out["config_file"] = chosen.get("_file", "<builtin>")
+    out["device_name"] = props.name
     return out
 
 

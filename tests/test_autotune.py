@@ -41,6 +41,13 @@ def test_written_config_is_preferred_for_its_gpu(tmp_path, monkeypatch):
         assert chosen["_file"] == str(path) and chosen["tc_min_m"] == 64
         assert cuda_op.match_config("NVIDIA H200", cfgs)["_file"] == "h200.json"
         assert cuda_op.match_config("Some Other GPU", cfgs)["_file"] == "default.json"
+        # the tuned thresholds overlay the shipped H100 file; knobs autotune does not measure stay
+        shipped = json.loads((cuda_op.CONFIG_DIR / "h100.json").read_text())
+        merged = cuda_op.resolve_config("NVIDIA H100 80GB HBM3", cfgs)
+        assert merged["tc_min_m"] == 64 and merged["tc_max_m"] == 128 and merged["dequant_min_m"] == 128
+        assert merged["tc_dense_max_nk"] == shipped["tc_dense_max_nk"] > 0
+        assert merged["config_file"] == f"default.json+h100.json+{path}"
+        assert cuda_op.resolve_config("Some Other GPU", cfgs)["config_file"] == "default.json"
     finally:
         cuda_op._all_configs.cache_clear()
 
