@@ -16,6 +16,13 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
+// The value, through a register the compiler cannot see into (so it is not re-derived later).
+template <bool ON = true>
+__device__ __forceinline__ uint32_t pin(uint32_t v) {
+  if constexpr (ON) asm volatile("" : "+r"(v));
+  return v;
+}
+
 // Streaming 16/8/4-byte loads that do not pollute L1 (weights are read once).
 __device__ __forceinline__ uint4 ld_stream_v4(const uint32_t* p) {
   uint4 v;

@@ -16,6 +16,8 @@
 // registers. Packed weights + group scales stream through a per-warp cp.async ring. Group scales
 // are applied once per group to a per-group partial accumulator (acc += s * partial), not per
 // weight element. Split-K partials are reduced by the last CTA to arrive (deterministic order).
+#include <type_traits>
+
 #include "flute_kernel.h"
 #include "flute_device.cuh"
 
@@ -111,39 +113,46 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
 #pragma unroll
         for (int j = 0; j < 4; ++j) part[nt][mt][j] = 0.f;
 
-    // Running addresses: the loop body does almost no index arithmetic.
+    // Running per-lane state: the loop body does no index arithmetic beyond a few adds (v8: the
+    // v7 loop recomputed ~60 instructions of addresses per chunk; at M = 1 that was most of it).
     constexpr int CW = 32 * BITS;                                   // words per chunk per tile
+    constexpr int PIECE = BITS == 4 ? 4 : 2;                        // words per lane per chunk (low planes)
     constexpr uint32_t SLOT_W = NT * CW * 4;                        // bytes per ring slot (weights)
     constexpr uint32_t SLOT_S = NT * 2 * 16 * sizeof(T);            // bytes per ring slot (scales)
-    const uint32_t sw_base = smem_addr(&s_w[warp][0][0][0]);
-    const uint32_t ss_base = smem_addr(&s_sc[warp][0][0][0][0]);
+    // opaque(): computed once and kept in a register; ptxas otherwise re-derives these shared
+    // addresses (S2R/S2UR/LEA) inside the loop to save registers under the 64-register cap.
+    // (MT <= 2 only: the larger tiles are register-bound and would spill instead.)
+    constexpr bool PIN = MT <= 2;
+    const uint32_t sw_lane = pin<PIN>(smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
     const bool sc_lane = lane < (g32 ? 16 : 8);
     const int sc_h = lane >> 3;
-    const uint32_t ss_lane = ss_base + (uint32_t)(sc_h * 16 * sizeof(T) + 4 * (lane & 7));
+    const uint32_t ss_lane = pin<PIN>(smem_addr(&s_sc[warp][0][0][0][0]) + (uint32_t)(sc_h * 16 * sizeof(T) + 4 * (lane & 7)));
     const T* sc_src[NT];
-    const uint32_t* wsrc[NT];
+    const uint32_t* wnext[NT];  // this lane's piece of the next chunk to issue
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       sc_src[nt] = scales + (size_t)tile[nt] * ngroups * 16 + 2 * (lane & 7);
-      wsrc[nt] = wtile[nt] + (BITS == 4 ? 4 * lane : 2 * lane);
+      wnext[nt] = wtile[nt] + PIECE * lane + (size_t)cb * CW;
     }
+    int knext = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
     const int last_half = half_last ? nch - 1 : 0x7fffffff;
 
-    auto issue = [&](int cc, uint32_t slot) {
-      const uint32_t wdst = sw_base + slot * SLOT_W;
+    auto issue = [&](uint32_t slot) {
+      const uint32_t wdst = sw_lane + slot * SLOT_W;
       const uint32_t sdst = ss_lane + slot * SLOT_S;
-      const int grp = min(((cc << 6) + 32 * sc_h) >> gshift, ngroups - 1);
+      const int grp = min(knext >> gshift, ngroups - 1);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
-        const uint32_t* src = wsrc[nt] + (size_t)cc * CW;
         if constexpr (BITS == 4) {
-          cp_async16_s(wdst + nt * CW * 4 + 16 * lane, src);
+          cp_async16_s(wdst + nt * CW * 4, wnext[nt]);
         } else {
-          cp_async8_s(wdst + nt * CW * 4 + 8 * lane, src);
-          if constexpr (BITS == 3) cp_async4_s(wdst + nt * CW * 4 + 256 + 4 * lane, src + 64 - lane);
+          cp_async8_s(wdst + nt * CW * 4, wnext[nt]);
+          if constexpr (BITS == 3) cp_async4_s(wdst + nt * CW * 4 + 256 - 4 * lane, wnext[nt] + 64 - lane);
         }
         if (sc_lane) cp_async4_s(sdst + nt * 2 * 16 * sizeof(T), sc_src[nt] + grp * 16);
+        wnext[nt] += CW;
       }
+      knext += 64;
     };
     auto flush = [&](uint32_t slot, int h) {
 #pragma unroll
@@ -164,7 +173,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     if (warp_work) {
 #pragma unroll
       for (int st = 0; st < STAGES - 1; ++st) {
-        if (cb + st < ce) issue(cb + st, st);
+        if (cb + st < ce) issue(st);
         cp_async_commit();
       }
     }
@@ -177,50 +186,54 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
       build_pair_table(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
     }
-    if (warp_work) {  // (loop body not re-indented)
 
-    const T* xr[MT];
+    // The chunk loop, compiled twice for 4-bit (pair-table decode or not, chosen once per warp) so
+    // that no branch splits a chunk's k-steps and their shared-memory loads can be overlapped.
+    auto chunk_loop = [&](auto pair_decode) {
+      constexpr bool PAIR = decltype(pair_decode)::value;
+      const T* xr[MT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
-
-    uint32_t slot = 0;
+      for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
+      const uint4* sfrag = reinterpret_cast<const uint4*>(&s_w[warp][0][0][0]);
+      uint32_t slot = 0;
 #pragma unroll 2
-    for (int cc = cb; cc < ce; ++cc) {
-      cp_async_wait<STAGES - 2>();  // chunk cc has landed (this lane's copies)
-      __syncwarp();                  // ... and every lane's; everyone is done with the previous slot
-      if (cc + STAGES - 1 < ce) issue(cc + STAGES - 1, (slot + STAGES - 1) & (STAGES - 1));
-      cp_async_commit();
+      for (int cc = cb; cc < ce; ++cc) {
+        cp_async_wait<STAGES - 2>();  // chunk cc has landed (this lane's copies)
+        __syncwarp();                  // ... and every lane's; everyone is done with the previous slot
+        if (cc + STAGES - 1 < ce) issue((slot + STAGES - 1) & (STAGES - 1));
+        cp_async_commit();
 
-      Frag<BITS> f[NT];
+        Frag<BITS> f[NT];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const uint32_t* sw = s_w[warp][slot][nt];
-        if constexpr (BITS == 4) {
-          const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
-          f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
-        } else {
-          const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
-          f[nt].w[0] = v.x; f[nt].w[1] = v.y;
-          if constexpr (BITS == 3) f[nt].w[2] = sw[64 + lane];
+        for (int nt = 0; nt < NT; ++nt) {
+          const uint32_t* sw = s_w[warp][slot][nt];
+          if constexpr (BITS == 4) {
+            const uint4 v = sfrag[slot * (SLOT_W / 16) + nt * (CW / 4) + lane];
+            f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
+          } else {
+            const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
+            f[nt].w[0] = v.x; f[nt].w[1] = v.y;
+            if constexpr (BITS == 3) f[nt].w[2] = sw[64 + lane];
+          }
         }
-      }
-      const bool only_half = cc == last_half;
-      uint4 xa[MT], xb[MT];
+        const bool only_half = cc == last_half;
+        uint4 xa[MT], xb[MT];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        xa[mt] = __ldg(reinterpret_cast<const uint4*>(xr[mt]));
-        xb[mt] = only_half ? make_uint4(0, 0, 0, 0) : __ldg(reinterpret_cast<const uint4*>(xr[mt] + 32));
-        xr[mt] += 64;
-      }
+        for (int mt = 0; mt < MT; ++mt) {
+          xa[mt] = __ldg(reinterpret_cast<const uint4*>(xr[mt]));
+          xb[mt] = only_half ? make_uint4(0, 0, 0, 0) : __ldg(reinterpret_cast<const uint4*>(xr[mt] + 32));
+          xr[mt] += 64;
+        }
 #define FLUTE_STEP(S)                                                                           \
   {                                                                                             \
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
-      if (BITS == 4 && use_pair[nt]) {                                                          \
+      if constexpr (PAIR) {                                                                     \
         if (S & 1) decode_mixed(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a);                 \
         else decode_pair<S>(f[nt].w[S & (BITS - 1)], pair_lane, a);                             \
+      } else {                                                                                  \
+        decode<BITS, S>(f[nt], tb[nt], a);                                                      \
       }                                                                                         \
-      else decode<BITS, S>(f[nt], tb[nt], a);                                                   \
       _Pragma("unroll") for (int mt = 0; mt < MT; ++mt) {                                       \
         const uint4& xv = (S < 2) ? xa[mt] : xb[mt];                                            \
         const uint32_t b0 = (S & 1) ? xv.z : xv.x;                                              \
@@ -229,24 +242,35 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
       }                                                                                         \
     }                                                                                           \
   }
-      FLUTE_STEP(0)
-      FLUTE_STEP(1)
-      if (g32) flush(slot, 0);
-      if (!only_half) {
-        FLUTE_STEP(2)
-        FLUTE_STEP(3)
-        if (g32) flush(slot, 1);
-      }
-#undef FLUTE_STEP
-      if (!g32) {
-        if (++in_group == cpg || cc == ce - 1) {
-          flush(slot, 0);
-          in_group = 0;
+        FLUTE_STEP(0)
+        FLUTE_STEP(1)
+        if (g32) flush(slot, 0);
+        if (!only_half) {
+          FLUTE_STEP(2)
+          FLUTE_STEP(3)
+          if (g32) flush(slot, 1);
         }
+#undef FLUTE_STEP
+        if (!g32) {
+          if (++in_group == cpg || cc == ce - 1) {
+            flush(slot, 0);
+            in_group = 0;
+          }
+        }
+        slot = (slot + 1) & (STAGES - 1);
       }
-      slot = (slot + 1) & (STAGES - 1);
+    };
+    if (warp_work) {
+      bool pair_all = true;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) pair_all = pair_all && use_pair[nt];
+      if constexpr (BITS == 4) {
+        if (pair_all) chunk_loop(std::true_type{});
+        else chunk_loop(std::false_type{});
+      } else {
+        chunk_loop(std::false_type{});
+      }
     }
-    }  // if (warp_work)
     cp_async_wait<0>();
   }
 
