@@ -424,6 +424,14 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, nk: Op
     return "dense" if m >= cfg["dequant_min_m"] else "lut"
 
 
+def _split_buffers(splits: int, partial_floats: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-K fp32 partials (from the caching allocator: no cudaMalloc in a graph replay) and the
+    device's persistent arrival counters; empty tensors when the GEMM is not split."""
+    if splits > 1:
+        return torch.empty(partial_floats, dtype=torch.float32, device=device), _counters_for(device)
+    return torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.int32, device=device)
+
+
 def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None):
     """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
     m, k = x.shape
@@ -441,12 +449,7 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         xp = permute_activations(x)
         pl = plan_tc(m, n, k, cfg, block_m, splits)
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        if pl["splits"] > 1:
-            ws = torch.empty(pl["splits"] * m * n, dtype=torch.float32, device=x.device)
-            counters = _counters_for(x.device)
-        else:
-            ws = torch.empty(0, dtype=torch.float32, device=x.device)
-            counters = torch.empty(0, dtype=torch.int32, device=x.device)
+        ws, counters = _split_buffers(pl["splits"], pl["splits"] * m * n, x.device)
         _ext().gemm_wgmma(xp, k, qweight, scales, tables, out, ws, counters, bits, group_size,
                           pl["splits"], pl["chunks_per_split"], pl["block_m"])
         return out
@@ -461,12 +464,7 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
     resident = _ctas_per_sm(bits, mt, str(x.dtype).split(".")[-1], dev_index)
     pl = plan(m, n, k, cfg, mt, splits, resident)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if pl["splits"] > 1:
-        ws = torch.empty(pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, dtype=torch.float32, device=x.device)
-        counters = _counters_for(x.device)
-    else:
-        ws = torch.empty(0, dtype=torch.float32, device=x.device)
-        counters = torch.empty(0, dtype=torch.int32, device=x.device)
+    ws, counters = _split_buffers(pl["splits"], pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, x.device)
     _ext().gemm(x, qweight, scales, tables, out, ws, counters, bits, group_size,
                 pl["splits"], pl["chunks_per_split"], pl["m_tiles"])
     return out

@@ -2,7 +2,8 @@
 
 - :class:`FluteLinear`: an ``nn.Module`` drop-in for ``nn.Linear`` that runs the flute op. Its
   persistent buffers are the format-v1 tensors (``qweight``, ``scales``, ``table``), so its
-  state dict *is* the checkpoint; the kernel layout (CUDA) is derived on first use per device.
+  state dict *is* the checkpoint; the kernel layout (CUDA) is derived on first use per device,
+  and the canonical buffers then move to host memory, so the GPU holds the weight once.
 - :func:`prepare_model`: quantize a loaded dense model in place (round-to-nearest, or NFL).
 - :func:`from_pretrained`: load a flute checkpoint (local dir or hub id) into a transformers model.
 - :func:`save_pretrained`: write a prepared model as a flute checkpoint.
@@ -36,7 +37,7 @@ class FluteLinear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, in_features // self.group_size, dtype=dtype, device=device))
         self.register_buffer("table", torch.empty(2**bits, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._prepared: Optional[tuple] = None  # (device, dtype, qweight, scales, tables) in the op's layout
+        self._prepared: Optional[tuple] = None  # (key, qweight, scales, tables) in the op's layout
 
     @classmethod
     def from_quantized(cls, qweight, scales, table, bits, group_size, bias=None) -> "FluteLinear":
@@ -52,12 +53,39 @@ class FluteLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
+    def _layout_key(self, device: torch.device) -> tuple:
+        # The canonical tensors a layout was made from: a reassigned or reloaded buffer, a cast or
+        # a move (see _apply, _load_from_state_dict) makes a new one.
+        return (device, self.scales.dtype, self.qweight.data_ptr(), self.scales.data_ptr(), self.table.data_ptr())
+
+    def _drops_canonical(self, device: torch.device) -> bool:
+        """Whether the canonical buffers leave ``device`` once the op layout is made there.
+
+        On CUDA the kernel layout is a repacked copy and the op never reads the canonical tensors:
+        keeping both would hold the weight twice. On the CPU the op runs on the canonical tensors.
+        """
+        return device.type == "cuda"
+
+    def _offload_canonical(self) -> None:
+        """Replace the canonical buffers by host copies: ``state_dict()`` / :func:`save_pretrained`
+        still see the checkpoint tensors, the device keeps only the op layout. A later ``.to()`` /
+        ``.cuda()`` moves them back (and drops the layout, remade on next use)."""
+        # Plain tensors even under inference_mode, so that load_state_dict can copy into them later.
+        with torch.inference_mode(False), torch.no_grad():
+            for name in ("qweight", "scales", "table"):
+                t = self._buffers[name]
+                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, device="cpu").copy_(t)
+
     def _op_tensors(self, x: torch.Tensor):
-        key = (x.device, self.scales.dtype, self.qweight.data_ptr())
-        if self._prepared is None or self._prepared[0] != key:
-            prepared = ops.prepare_weights(self.qweight, self.scales, self.table.view(1, -1),
+        dev = x.device
+        if self._prepared is None or self._prepared[0] != self._layout_key(dev):
+            self._prepared = None  # free a stale layout before making the new one
+            # .to(dev) is a no-op unless the canonical tensors were offloaded (then: a temporary copy)
+            prepared = ops.prepare_weights(self.qweight.to(dev), self.scales.to(dev), self.table.to(dev).view(1, -1),
                                            [self.out_features], self.bits, self.group_size)
-            self._prepared = (key, *prepared)
+            if self._drops_canonical(dev) and self.qweight.device == dev:
+                self._offload_canonical()
+            self._prepared = (self._layout_key(dev), *prepared)
         return self._prepared[1:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +98,10 @@ class FluteLinear(nn.Module):
         out = ops.lut_linear(x.to(self.scales.dtype), qweight, scales, tables, [self.out_features],
                              self.bits, self.group_size, self.bias)
         return out.to(x.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._prepared = None  # new weights (copied in place): re-derive the op layout on next use
 
     def _apply(self, fn, recurse=True):
         self._prepared = None  # moved / cast: re-derive the op layout on next use

@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -27,8 +28,48 @@ def test_e2e_benchmark_runs_on_cpu(tmp_path):
     recs = json.loads(path.read_text())
     assert {(r["variant"], r["batch"]) for r in recs} == {(v, b) for v in ("dense", "nf4g64", "w3g64") for b in (1, 2)}
     assert all(r["decode_tok_s"] > 0 and r["ttft_ms"] > 0 for r in recs)
+    assert all(r["method"] == "eager" and r["ms_per_step"] > 0 for r in recs)  # no CUDA graph on the CPU
+    assert all(r["decode_tok_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_step"], rel=1e-2) for r in recs)
     by = {(r["variant"], r["batch"]): r for r in recs}
     assert by[("dense", 1)]["speedup_vs_dense"] == 1.0
     # packed 4-bit / 3-bit projections: the quantized models hold fewer bytes than the dense one
     assert by[("w3g64", 1)]["model_gb"] < by[("nf4g64", 1)]["model_gb"] < by[("dense", 1)]["model_gb"]
-    assert (tmp_path / "e2e_cpu.md").is_file()
+    assert "eager" in (tmp_path / "e2e_cpu.md").read_text().splitlines()[0]
+
+
+def test_static_decoder_continues_the_prompt_as_generate_does():
+    """The measured decode step (static cache, position/token tensors updated in place) produces
+    the greedy continuation of HF generate(), also after a reset + refill of the cache."""
+    for variant in ("dense", "nf4g64"):
+        m = e2e.build_model("tiny", variant, torch.device("cpu"), torch.float32)
+        prompt = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(3))
+        dec = e2e.StaticDecoder(m, batch=2, prompt_len=16, new_tokens=8)
+        with torch.inference_mode():
+            ref = m.generate(prompt, max_new_tokens=9, min_new_tokens=9, do_sample=False)[:, 16:]
+            assert torch.equal(dec.generate(prompt, 8), ref), variant
+            assert torch.equal(dec.generate(prompt, 8), ref), variant  # reset: positions start over
+            assert dec.pos.item() == 16 + 8
+            with pytest.raises(ValueError, match="overrun"):
+                dec.decode(9)
+
+
+def test_check_graph_rejects_a_replay_that_is_not_the_decode_step(capsys):
+    m = e2e.build_model("tiny", "dense", torch.device("cpu"), torch.float32)
+    prompt = torch.randint(0, 1024, (4, 16), generator=torch.Generator().manual_seed(5))
+    dec = e2e.StaticDecoder(m, batch=4, prompt_len=16, new_tokens=8)
+
+    class Replay:  # stands in for the CUDA graph of one step
+        def __init__(self, step):
+            self.replay = step
+
+    def stale_step():  # e.g. a capture that baked in the first step's input token
+        dec.ids.fill_(7)
+        dec.step()
+
+    with torch.inference_mode():
+        dec.graph = Replay(dec.step)
+        e2e.check_graph(dec, prompt, 8, "same step")
+        assert dec.graph is not None and "note" not in capsys.readouterr().out
+        dec.graph = Replay(stale_step)
+        with pytest.raises(RuntimeError, match="does not replay the eager one"):
+            e2e.check_graph(dec, prompt, 8, "stale step")

@@ -141,3 +141,53 @@ def test_flute_linear_compiles_without_graph_breaks_after_warmup():
     eager = model(x)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), eager)
+
+
+def test_flute_linear_holds_the_weight_once_after_making_the_op_layout(monkeypatch):
+    """On CUDA the kernel layout is a repacked copy of the weight: once it is made, the canonical
+    buffers move to host memory (state_dict still is the checkpoint), nothing keeps the device
+    copies alive, and a reload / cast re-derives the layout. The CPU stands in for the GPU here:
+    _drops_canonical is forced on and prepare_weights returns copies, as the CUDA repack does."""
+    import gc
+    import weakref
+
+    calls = []
+    real_prepare = hf.ops.prepare_weights
+
+    def repack(*args):
+        calls.append(args[0].dtype)
+        return tuple(t.clone() for t in real_prepare(*args))
+
+    monkeypatch.setattr(hf.ops, "prepare_weights", repack)
+    monkeypatch.setattr(hf.FluteLinear, "_drops_canonical", lambda self, device: True)
+    torch.manual_seed(0)
+    model = hf.prepare_model(torch.nn.Sequential(torch.nn.Linear(128, 64, bias=True)), 4, 64, progress=False)
+    other = hf.prepare_model(torch.nn.Sequential(torch.nn.Linear(128, 64, bias=True)), 4, 64, progress=False)
+    layer = model[0]
+    x = torch.randn(3, 128)
+    y_other = other(x)
+    calls.clear()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    device_copies = [weakref.ref(layer._buffers[n]) for n in ("qweight", "scales", "table")]
+    w_hat = dequantize(layer.qweight, layer.scales, layer.table, 4, 64)
+    with torch.inference_mode():
+        y = model(x)
+    torch.testing.assert_close(y, x @ w_hat.T + layer.bias)
+    gc.collect()
+    assert [r() for r in device_copies] == [None] * 3  # only the op layout is left of the weight
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not layer.qweight.is_inference()  # made under inference_mode, still loadable
+    model(x)
+    assert len(calls) == 1  # the layout is reused
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), y)
+
+    model.load_state_dict(other.state_dict())  # copies into the host buffers: the layout is stale
+    torch.testing.assert_close(model(x), y_other)
+    assert len(calls) == 2
+
+    model.to(torch.float16)  # cast: the layout is re-derived once, the table stays float32
+    y16 = model(x.half())
+    model(x.half())
+    assert len(calls) == 3 and layer.table.dtype == torch.float32 and layer.scales.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), y_other, atol=2e-2, rtol=2e-2)
