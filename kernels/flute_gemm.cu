@@ -119,14 +119,14 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     constexpr int PIECE = BITS == 4 ? 4 : 2;                        // words per lane per chunk (low planes)
     constexpr uint32_t SLOT_W = NT * CW * 4;                        // bytes per ring slot (weights)
     constexpr uint32_t SLOT_S = NT * 2 * 16 * sizeof(T);            // bytes per ring slot (scales)
-    // opaque(): computed once and kept in a register; ptxas otherwise re-derives these shared
+    // hold_in_reg(): computed once and kept in a register; ptxas otherwise re-derives these shared
     // addresses (S2R/S2UR/LEA) inside the loop to save registers under the 64-register cap.
     // (MT <= 2 only: the larger tiles are register-bound and would spill instead.)
     constexpr bool PIN = MT <= 2;
-    const uint32_t sw_lane = pin<PIN>(smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
+    const uint32_t sw_lane = hold_in_reg<PIN>(smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
     const bool sc_lane = lane < (g32 ? 16 : 8);
     const int sc_h = lane >> 3;
-    const uint32_t ss_lane = pin<PIN>(smem_addr(&s_sc[warp][0][0][0][0]) + (uint32_t)(sc_h * 16 * sizeof(T) + 4 * (lane & 7)));
+    const uint32_t ss_lane = hold_in_reg<PIN>(smem_addr(&s_sc[warp][0][0][0][0]) + (uint32_t)(sc_h * 16 * sizeof(T) + 4 * (lane & 7)));
     const T* sc_src[NT];
     const uint32_t* wnext[NT];  // this lane's piece of the next chunk to issue
 #pragma unroll
