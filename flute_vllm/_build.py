@@ -7,6 +7,9 @@
 - AOT (e.g. in a Dockerfile): ``python -m flute_vllm._build --arch 80,86,89,90a`` builds the same
   module for those archs into the same cache; at run time :func:`load` reuses any cached build whose
   arch list covers the current GPU, so a serving image never compiles.
+- Kernel experiments: ``FLUTE_VLLM_NVCC_FLAGS`` (e.g. ``"-DFLUTE_LUT_STAGES=6"``) is appended to the
+  nvcc flags and hashed into the cache key, so variants of the kernels build side by side
+  (``benchmarks/ab_kernel.py`` A/B-times them). Unset for normal use.
 - Arch selection at run time: ``FLUTE_VLLM_CUDA_ARCHS`` (``"80,90a"``) if set, else a cached build
   that covers the device, else the device's own arch (``90a`` on Hopper: the kernels use only sm_80
   instructions, but 90a is what we tune and test).
@@ -21,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import sys
 import threading
 from pathlib import Path
@@ -82,12 +86,17 @@ def _torch_arch_list(archs: Sequence[str]) -> str:
     return ";".join(f"{a[0]}.{a[1:]}" for a in archs)
 
 
+def nvcc_flags() -> tuple[str, ...]:
+    """The nvcc flags of a build: ``NVCC_FLAGS`` + ``$FLUTE_VLLM_NVCC_FLAGS`` (kernel experiments)."""
+    return NVCC_FLAGS + tuple(shlex.split(os.environ.get("FLUTE_VLLM_NVCC_FLAGS", "")))
+
+
 def source_digest() -> str:
     h = hashlib.sha256()
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((KERNEL_DIR / name).read_bytes())
-    h.update(repr((NVCC_FLAGS, CXX_FLAGS)).encode())
+    h.update(repr((nvcc_flags(), CXX_FLAGS)).encode())
     return h.hexdigest()[:12]
 
 
@@ -138,7 +147,7 @@ def build(archs: Sequence[str], verbose: bool = False):
             name=f"{MODULE_PREFIX}_{key.replace('-', '_')}",
             sources=[str(KERNEL_DIR / s) for s in SOURCES],
             extra_cflags=list(CXX_FLAGS),
-            extra_cuda_cflags=list(NVCC_FLAGS),
+            extra_cuda_cflags=list(nvcc_flags()),
             extra_include_paths=include,
             build_directory=str(build_dir),
             verbose=verbose,

@@ -21,16 +21,34 @@
 #include "flute_kernel.h"
 #include "flute_device.cuh"
 
+// Compile-time knobs for kernel experiments: benchmarks/ab_kernel.py builds variants with
+// FLUTE_VLLM_NVCC_FLAGS="-DFLUTE_LUT_...=..." and times them in one run. The defaults are the
+// shipped, measured choices (kernels/NOTES.md).
+#ifndef FLUTE_LUT_STAGES
+#define FLUTE_LUT_STAGES 4  // chunks in flight per warp, power of two (v5: 8 -> 4)
+#endif
+#ifndef FLUTE_LUT_MIXED_DECODE
+#define FLUTE_LUT_MIXED_DECODE 1  // 4-bit odd k-steps: a[2], a[3] by byte permutes (v6), else all by pair table
+#endif
+#ifndef FLUTE_LUT_HOLD_ADDR
+#define FLUTE_LUT_HOLD_ADDR 1  // MT <= 2: ring addresses held in registers (v8)
+#endif
+#ifndef FLUTE_LUT_MT1_MIN_BLOCKS
+#define FLUTE_LUT_MT1_MIN_BLOCKS 8  // MT = 1 resident CTAs per SM asked of ptxas (8: a 64-register cap)
+#endif
+static_assert((FLUTE_LUT_STAGES & (FLUTE_LUT_STAGES - 1)) == 0 && FLUTE_LUT_STAGES >= 2,
+              "FLUTE_LUT_STAGES must be a power of two >= 2");
+
 namespace flute {
 namespace {
 
 // Resident CTAs per SM asked of ptxas (register cap): MT=1 fits 8 in 64 registers, MT=8 needs <= 170.
-template <int MT> struct MinBlocks { static constexpr int value = MT == 1 ? 8 : MT == 2 ? 7 : 3; };
+template <int MT> struct MinBlocks { static constexpr int value = MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? 7 : 3; };
 
 template <int BITS, int MT, int NT, typename T>
 __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(const GemmParams p) {
   using Ops = TypeOps<T>;
-  constexpr int STAGES = 4;  // chunks in flight per warp (power of two)
+  constexpr int STAGES = FLUTE_LUT_STAGES;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int ntiles = p.N >> 4;
@@ -122,7 +140,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     // hold_in_reg(): computed once and kept in a register; ptxas otherwise re-derives these shared
     // addresses (S2R/S2UR/LEA) inside the loop to save registers under the 64-register cap.
     // (MT <= 2 only: the larger tiles are register-bound and would spill instead.)
-    constexpr bool PIN = MT <= 2;
+    constexpr bool PIN = FLUTE_LUT_HOLD_ADDR && MT <= 2;
     const uint32_t sw_lane = hold_in_reg<PIN>(smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
     const bool sc_lane = lane < (g32 ? 16 : 8);
     const int sc_h = lane >> 3;
@@ -229,7 +247,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
       if constexpr (PAIR) {                                                                     \
-        if (S & 1) decode_mixed(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a);                 \
+        if ((S & 1) && FLUTE_LUT_MIXED_DECODE) decode_mixed(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
         else decode_pair<S>(f[nt].w[S & (BITS - 1)], pair_lane, a);                             \
       } else {                                                                                  \
         decode<BITS, S>(f[nt], tb[nt], a);                                                      \

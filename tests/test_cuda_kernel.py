@@ -383,21 +383,28 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
 def test_kernels_compile_with_nvcc_cpu(tmp_path):
-    """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build; the wgmma kernels
-    neither spill nor get their MMAs serialised by ptxas (warning C7513)."""
+    """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build (and flute_gemm.cu with
+    its experiment knobs changed); the wgmma kernels neither spill nor get their MMAs serialised by
+    ptxas (warning C7513)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from flute_vllm import _build
 
-    def compile_one(src):
-        cmd = ["nvcc", *_build.NVCC_FLAGS, "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80",
-               "-Xptxas", "-v", "-I", str(_build.KERNEL_DIR), "-c", str(_build.KERNEL_DIR / src),
-               "-o", str(tmp_path / (src + ".o"))]
-        return src, subprocess.run(cmd, capture_output=True, text=True)
+    # the shipped build of every .cu for sm_90a + sm_80, and flute_gemm.cu with the experiment knobs
+    # (benchmarks/ab_kernel.py) away from their defaults for sm_90a, so a knob cannot rot unbuilt
+    knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_DECODE=0", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=6"]
+    jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
+            for src in _build.SOURCES if src.endswith(".cu")}
+    jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
 
-    sources = [s for s in _build.SOURCES if s.endswith(".cu")]
-    with ThreadPoolExecutor(len(sources)) as pool:
-        results = dict(pool.map(compile_one, sources))
+    def compile_one(item):
+        name, (src, extra, archs) = item
+        cmd = ["nvcc", *_build.NVCC_FLAGS, *extra, *archs, "-Xptxas", "-v", "-I", str(_build.KERNEL_DIR),
+               "-c", str(_build.KERNEL_DIR / src), "-o", str(tmp_path / (name + ".o"))]
+        return name, subprocess.run(cmd, capture_output=True, text=True)
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = dict(pool.map(compile_one, jobs.items()))
     for src, res in results.items():
         assert res.returncode == 0, f"{src}:\n{res.stderr[-3000:]}"
     log = results["flute_wgmma.cu"].stderr

@@ -1,0 +1,167 @@
+"""A/B timing of kernel build variants in one GPU session (for kernel work on a tight GPU budget).
+
+A variant is a name and a set of nvcc flags, normally the ``FLUTE_LUT_*`` knobs at the top of
+``kernels/flute_gemm.cu``. Every variant is built into its own cache entry (``FLUTE_VLLM_NVCC_FLAGS``
+is part of the build key), all builds at once, then each is timed in a fresh process with the
+method of ``benchmarks/kernel.py`` (one CUDA graph of many calls, L2 defeated by rotating weight
+copies) on the same shapes, Ms and path, with cuBLAS timed in the same process as a yardstick.
+Prints µs per case and variant, and the geo-mean time ratio of each variant to the first one.
+
+    python benchmarks/ab_kernel.py -v base= -v s8=-DFLUTE_LUT_STAGES=8 -v nomix=-DFLUTE_LUT_MIXED_DECODE=0 \\
+        --ms 1,16 --bits 4 --out /tmp/ab.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {  # the 8 Llama-3 8B/70B shapes of benchmarks/kernel.py: name -> (N, K)
+    "8B-qkv": (6144, 4096), "8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "8B-down": (4096, 14336),
+    "70B-qkv": (10240, 8192), "70B-o": (8192, 8192), "70B-gate_up": (57344, 8192), "70B-down": (8192, 28672),
+}
+
+
+REL_ERR_MAX = 1e-2  # vs the fp32 dequantize + matmul of the same weights (fp16/bf16 rounding is ~1e-3)
+
+
+def parse_variant(spec: str) -> tuple[str, str]:
+    """``"name=flags"`` -> (name, flags); flags may be empty (the shipped build)."""
+    name, sep, flags = spec.partition("=")
+    if not sep or not name.strip() or not name.strip().replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"--variant {spec!r}: use NAME=FLAGS, e.g. s8=-DFLUTE_LUT_STAGES=8 (FLAGS may be empty)")
+    return name.strip(), flags.strip()
+
+
+def summarize(results: dict[str, list[dict]]) -> str:
+    """Markdown: µs per (shape, M) for each variant (+ cuBLAS of the first), then the geo-mean
+    time ratio of every variant to the first over the cases both have."""
+    names = list(results)
+    base = {(r["shape"], r["M"]): r for r in results[names[0]]}
+    lines = ["| shape | M | cuBLAS | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    by = {n: {(r["shape"], r["M"]): r for r in results[n]} for n in names}
+    for key, r0 in base.items():
+        cells = [f"{by[n][key]['us']:.1f}" if key in by[n] else "" for n in names]
+        lines.append(f"| {key[0]} | {key[1]} | {r0['cublas_us']:.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "| variant | flags | geo-mean time vs " + names[0] + " | geo-mean speedup vs cuBLAS | worst rel. err |",
+              "|---|---|---|---|---|"]
+    for n in names:
+        common = [k for k in base if k in by[n]]
+        if not common:
+            lines.append(f"| {n} | {results[n][0]['flags'] if results[n] else ''} | (no results) | |")
+            continue
+        ratio = statistics.geometric_mean([by[n][k]["us"] / base[k]["us"] for k in common])
+        vs_cublas = statistics.geometric_mean([by[n][k]["cublas_us"] / by[n][k]["us"] for k in common])
+        worst = max(by[n][k]["rel_err"] for k in common)
+        flag = " WRONG" if worst > REL_ERR_MAX else ""
+        lines.append(f"| {n} | `{by[n][common[0]]['flags'] or '(shipped)'}` | {ratio:.3f} | {vs_cublas:.2f}x | "
+                     f"{worst:.1e}{flag} |")
+    return "\n".join(lines) + "\n"
+
+
+def worker(args) -> None:
+    """Time the current build (this process's FLUTE_VLLM_NVCC_FLAGS); one JSON line per case."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT))
+    from flute_vllm import cuda_op
+    from flute_vllm.timing import Layer, copies_for, time_graph
+
+    dtype = getattr(torch, args.dtype)
+    flags = os.environ.get("FLUTE_VLLM_NVCC_FLAGS", "")
+    for name in args.shapes.split(","):
+        n, k = SHAPES[name]
+        layer = Layer(n, k, args.bits, args.group_size, dtype)
+        dense = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(copies_for(n * k * 2))]
+        for m in (int(v) for v in args.ms.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            # a variant is only worth its time if it is right: vs dequantize + matmul (separate kernel)
+            q, sc, tb = layer.copies[0]
+            got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, force_path=args.path).float()
+            w = cuda_op.dequantize_kernel_layout(q, sc, tb, args.bits, args.group_size, k).float()
+            ref = x.float() @ w.T
+            del w
+            rel_err = ((got - ref).norm() / ref.norm()).item()
+            us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], args.bits, args.group_size,
+                                                      force_path=args.path) for c in layer.copies], 200)
+            cublas = time_graph([lambda w=w: F.linear(x, w) for w in dense], 200)
+            print(json.dumps(dict(shape=name, N=n, K=k, M=m, us=round(us, 3), cublas_us=round(cublas, 3),
+                                  rel_err=float(f"{rel_err:.2e}"),
+                                  flags=flags, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
+                                  path=args.path)), flush=True)
+        del layer, dense
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-v", "--variant", action="append", default=[], help="NAME=NVCC_FLAGS (repeat; first = baseline)")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--ms", default="1,16")
+    ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4])
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--path", default="lut", choices=["lut", "tc", "dense"], help="kernel path to force")
+    ap.add_argument("--out", default="", help="write all results as JSON here")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for s in args.shapes.split(","):
+        if s not in SHAPES:
+            ap.error(f"--shapes: unknown shape {s!r} (choose from {', '.join(SHAPES)})")
+    if args.worker:
+        worker(args)
+        return {}
+    try:
+        variants = [parse_variant(v) for v in (args.variant or ["shipped="])]
+    except ValueError as e:
+        ap.error(str(e))
+    if len({n for n, _ in variants}) != len(variants):
+        ap.error("--variant: names must differ")
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("ab_kernel needs a CUDA GPU (none visible)")
+    sys.path.insert(0, str(ROOT))
+    from flute_vllm import _build
+
+    arch = _build.device_arch()
+    env_of = {n: {**os.environ, "FLUTE_VLLM_NVCC_FLAGS": f} for n, f in variants}
+    builds = {n: subprocess.Popen([sys.executable, "-m", "flute_vllm._build", "--arch", arch], cwd=ROOT, env=env_of[n],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n, _ in variants}
+    failed = []
+    for n, proc in builds.items():
+        out, _ = proc.communicate()
+        print(f"[build {n}] {out.strip().splitlines()[-1] if out.strip() else ''}", flush=True)
+        if proc.returncode != 0:
+            print(out[-3000:], flush=True)
+            failed.append(n)
+    results: dict[str, list[dict]] = {}
+    passthrough = ["--shapes", args.shapes, "--ms", args.ms, "--bits", str(args.bits), "--group-size",
+                   str(args.group_size), "--dtype", args.dtype, "--path", args.path]
+    for n, _ in variants:
+        if n in failed:
+            results[n] = []
+            continue
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *passthrough], cwd=ROOT,
+                              env=env_of[n], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        results[n] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0:
+            print(f"[time {n}] failed:\n{proc.stderr[-3000:]}", flush=True)
+        print(f"[time {n}] {len(results[n])} cases", flush=True)
+    if not results[variants[0][0]]:
+        raise SystemExit(f"baseline variant {variants[0][0]!r} produced no results")
+    print(summarize(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""benchmarks/ab_kernel.py without a GPU: variant parsing, the summary table, and that the
+experiment flags reach the build key (so variants build side by side, never reuse each other)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import ab_kernel  # noqa: E402
+
+from flute_vllm import _build  # noqa: E402
+
+
+def test_parse_variant():
+    assert ab_kernel.parse_variant("base=") == ("base", "")
+    assert ab_kernel.parse_variant("s8=-DFLUTE_LUT_STAGES=8 -DX=1") == ("s8", "-DFLUTE_LUT_STAGES=8 -DX=1")
+    for bad in ("noequals", "=-DX", "a b=-DX"):
+        with pytest.raises(ValueError, match="NAME=FLAGS"):
+            ab_kernel.parse_variant(bad)
+
+
+def _rec(shape, m, us, cublas, flags="", err=1e-3):
+    return dict(shape=shape, M=m, us=us, cublas_us=cublas, flags=flags, rel_err=err)
+
+
+def test_summary_ratios_and_wrong_variants():
+    res = {
+        "base": [_rec("8B-o", 1, 10.0, 20.0), _rec("8B-o", 16, 20.0, 20.0)],
+        "fast": [_rec("8B-o", 1, 5.0, 20.0, "-DA=1"), _rec("8B-o", 16, 20.0, 20.0, "-DA=1")],
+        "bad": [_rec("8B-o", 1, 1.0, 20.0, "-DB=1", err=0.5)],
+    }
+    md = ab_kernel.summarize(res)
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ")}
+    # fast: times 0.5 and 1.0 of base -> geo-mean 0.707; vs cuBLAS 4x and 1x -> 2x
+    assert "| 0.707 | 2.00x |" in rows["fast"] and "WRONG" not in rows["fast"]
+    assert "| 1.000 |" in rows["base"]
+    assert "WRONG" in rows["bad"]
+    assert "| 8B-o | 1 | 20.0 | 10.0 | 5.0 | 1.0 |" in md
+
+
+def test_experiment_flags_change_the_build_key(monkeypatch):
+    monkeypatch.delenv("FLUTE_VLLM_NVCC_FLAGS", raising=False)
+    shipped = _build.source_digest()
+    assert _build.nvcc_flags() == _build.NVCC_FLAGS
+    monkeypatch.setenv("FLUTE_VLLM_NVCC_FLAGS", "-DFLUTE_LUT_STAGES=8")
+    assert _build.nvcc_flags()[-1] == "-DFLUTE_LUT_STAGES=8"
+    assert _build.source_digest() != shipped
