@@ -7,8 +7,8 @@
 - AOT (e.g. in a Dockerfile): ``python -m flute_vllm._build --arch 80,86,89,90a`` builds the same
   module for those archs into the same cache; at run time :func:`load` reuses any cached build whose
   arch list covers the current GPU, so a serving image never compiles.
-- Kernel experiments: ``FLUTE_VLLM_NVCC_FLAGS`` (e.g. ``"-DFLUTE_LUT_STAGES=6"``) is appended to the
-  nvcc flags and hashed into the cache key, so variants of the kernels build side by side
+- Kernel experiments: ``FLUTE_VLLM_NVCC_FLAGS`` (e.g. ``"-DFLUTE_LUT_STAGES=8"``) is appended to the
+  nvcc and host compiler flags and hashed into the cache key, so variants of the kernels build side by side
   (``benchmarks/ab_kernel.py`` A/B-times them). Unset for normal use.
 - Arch selection at run time: ``FLUTE_VLLM_CUDA_ARCHS`` (``"80,90a"``) if set, else a cached build
   that covers the device, else the device's own arch (``90a`` on Hopper: the kernels use only sm_80
@@ -146,7 +146,7 @@ def build(archs: Sequence[str], verbose: bool = False):
         module = cpp_extension.load(
             name=f"{MODULE_PREFIX}_{key.replace('-', '_')}",
             sources=[str(KERNEL_DIR / s) for s in SOURCES],
-            extra_cflags=list(CXX_FLAGS),
+            extra_cflags=list(CXX_FLAGS) + list(nvcc_flags()[len(NVCC_FLAGS):]),  # the knobs reach the binding too
             extra_cuda_cflags=list(nvcc_flags()),
             extra_include_paths=include,
             build_directory=str(build_dir),

@@ -300,12 +300,21 @@ def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits
     return -(-nch // cps), cps
 
 
+@lru_cache(maxsize=None)
+def n_tiles_per_warp(m_tiles: int) -> int:
+    """16-row weight tiles per warp of the mma.sync kernel (kernels/flute_kernel.h
+    gemm_n_tiles_per_warp: 2 at m_tiles = 4, else 1 unless a kernel experiment's build says so)."""
+    if torch.cuda.is_available():
+        return int(_ext().n_tiles_per_warp(m_tiles))
+    return 2 if m_tiles == 4 else 1
+
+
 def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
-         resident: Optional[int] = None) -> dict:
+         resident: Optional[int] = None, n_tiles: Optional[int] = None) -> dict:
     """Launch plan of the mma.sync kernel: m_tiles, split-K (CTAs along K), chunks per split
     (:func:`_split_k`'s wave model with ``resident`` CTAs per SM and ``cta_overhead_chunks``)."""
     mt = m_tiles or m_tiles_for(m)
-    nt = 2 if mt == 4 else 1  # kernels/flute_kernel.h gemm_n_tiles_per_warp
+    nt = n_tiles_per_warp(mt) if n_tiles is None else n_tiles
     grid_x = -(-n // (TILE_N * nt * WARPS_PER_CTA))
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K

@@ -36,6 +36,8 @@
 #ifndef FLUTE_LUT_MT1_MIN_BLOCKS
 #define FLUTE_LUT_MT1_MIN_BLOCKS 8  // MT = 1 resident CTAs per SM asked of ptxas (8: a 64-register cap)
 #endif
+// FLUTE_LUT_MT1_TILES (flute_kernel.h): weight tiles per warp at MT = 1 (1; 2 amortises the per-chunk
+// ring/activation/loop work over 2 tiles but needs ~80 registers: pair it with FLUTE_LUT_MT1_MIN_BLOCKS=6).
 static_assert((FLUTE_LUT_STAGES & (FLUTE_LUT_STAGES - 1)) == 0 && FLUTE_LUT_STAGES >= 2,
               "FLUTE_LUT_STAGES must be a power of two >= 2");
 
@@ -433,7 +435,7 @@ cudaError_t set_smem_attr() {
 
 template <int BITS, int MT, typename T>
 int occupancy_t() {
-  constexpr int NT = MT == 4 ? 2 : 1;
+  constexpr int NT = gemm_n_tiles_per_warp(MT);
   int n = 0;
   if (set_smem_attr<BITS, MT, NT, T>() != cudaSuccess) return 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, T>, 128, pair_smem_bytes(BITS)) !=
@@ -465,7 +467,7 @@ int occupancy_bits(int bits, int mt) {
 
 template <int BITS, int MT, typename T>
 cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
-  constexpr int NT = MT == 4 ? 2 : 1;  // == gemm_n_tiles_per_warp(MT)
+  constexpr int NT = gemm_n_tiles_per_warp(MT);
   dim3 grid(gemm_grid_x(p.N, MT), p.splits, gemm_m_chunks(p.M, MT));
   const cudaError_t err = set_smem_attr<BITS, MT, NT, T>();
   if (err != cudaSuccess) return err;

@@ -136,4 +136,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("dequant", &dequant, "flute dequantize (kernel layout) to dense");
   m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype)");
+  m.def("n_tiles_per_warp", [](int64_t m_tiles) { return (int64_t)flute::gemm_n_tiles_per_warp((int)m_tiles); },
+        "16-row weight tiles per warp of the gemm kernel for m_tiles (the build's choice)");
 }

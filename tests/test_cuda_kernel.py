@@ -392,7 +392,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
 
     # the shipped build of every .cu for sm_90a + sm_80, and flute_gemm.cu with the experiment knobs
     # (benchmarks/ab_kernel.py) away from their defaults for sm_90a, so a knob cannot rot unbuilt
-    knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_DECODE=0", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=6"]
+    knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_DECODE=0", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=6",
+             "-DFLUTE_LUT_MT1_TILES=2"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
