@@ -1,0 +1,200 @@
+"""benchmarks/kernel.py on the CPU: the humming-kernels additions (int4 packing and dequantization it
+feeds humming, the interval choice, the plans, the markdown table, the correctness gate). The GPU part
+(humming's conversion and kernels) runs only with a CUDA GPU and the humming package."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import kernel  # noqa: E402
+
+
+def _pack_reference(codes):
+    """Straightforward packing: word w of a row = sum_j code[8w + j] << 4j, as a signed int32."""
+    n, k = codes.shape
+    out = torch.empty(n, k // 8, dtype=torch.int32)
+    for r in range(n):
+        for w in range(k // 8):
+            v = sum(int(codes[r, 8 * w + j]) << (4 * j) for j in range(8))
+            out[r, w] = v - (1 << 32) if v >= 1 << 31 else v
+    return out
+
+
+def test_pack_int4_matches_a_reference_and_humming_bit_order():
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8, generator=g)
+    assert torch.equal(kernel.pack_int4(codes), _pack_reference(codes))
+    # code k of a row at bits 4*(k%8) of word k//8 (humming's pack_weight, GPTQ / compressed-tensors order)
+    row = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 15, 15, 15, 15, 15, 15, 15, 15]], dtype=torch.uint8)
+    assert kernel.pack_int4(row).tolist() == [[0x76543210, -1]]
+    assert kernel.pack_int4(codes, rows=2).equal(kernel.pack_int4(codes))  # row chunks change nothing
+
+
+def test_unpack_int4_inverts_pack():
+    codes = torch.randint(0, 16, (7, 128), dtype=torch.uint8)
+    packed = kernel.pack_int4(codes)
+    assert packed.shape == (7, 16) and packed.dtype == torch.int32
+    assert torch.equal(kernel.unpack_int4(packed), codes)
+
+
+@pytest.mark.parametrize("g", [64, 128])
+def test_dequant_int4_is_symmetric_code_minus_8_times_group_scale(g):
+    n, k = 3, 256
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales = (torch.rand(n, k // g) * 0.02 + 0.005).to(torch.bfloat16)
+    w = kernel.dequant_int4(codes, scales, g)
+    assert w.dtype == torch.float32
+    for r in range(n):
+        for c in (0, g - 1, g, k - 1):
+            assert w[r, c].item() == pytest.approx((int(codes[r, c]) - 8) * scales[r, c // g].float().item())
+    assert kernel.dequant_int4(torch.full((1, g), 8, dtype=torch.uint8), scales[:1, :1], g).abs().max() == 0
+
+
+def test_quant_config_is_vllms_symmetric_int4():
+    assert kernel.humming_quant_config(64) == {"quant_method": "humming", "dtype": "int4", "group_size": 64,
+                                               "has_zero_point": False}
+
+
+def test_select_intervals_keeps_the_entries_holding_each_m():
+    iv = [[0, 8, "a"], [8, 16, "b"], [16, 64, "c"], [64, 256, "d"], [256, 1 << 30, "e"]]
+    # the launcher runs entry (lo, hi] for lo < M <= hi
+    assert [e[2] for e in kernel.select_intervals(iv, (1, 8))] == ["a"]
+    assert [e[2] for e in kernel.select_intervals(iv, (1, 16, 64, 8192))] == ["a", "b", "c", "e"]
+    assert [e[2] for e in kernel.select_intervals(iv, (9, 65))] == ["b", "d"]
+    with pytest.raises(ValueError, match="M=\\[0\\]"):
+        kernel.select_intervals(iv, (0, 1))
+
+
+def test_humming_ms_adds_the_check_m_and_m1():
+    assert kernel.humming_ms((64, 4096)) == (1, kernel.HUMMING_CHECK_M, 64, 4096)
+    assert kernel.humming_ms(kernel.MS) == kernel.MS
+
+
+@pytest.mark.parametrize("plan", ["core", "full"])
+def test_humming_runs_in_every_fp16_bf16_w4_job_and_nowhere_else(plan):
+    jobs = kernel.plan_jobs(plan)
+    w4 = {(dt, g): ks for dt, b, g, ms, ks in jobs if b == 4}
+    assert set(w4) >= {(torch.float16, 128), (torch.bfloat16, 128), (torch.float16, 64)}
+    for dt, b, g, ms, ks in jobs:
+        assert ("humming" in ks) == (b == 4 and dt in (torch.float16, torch.bfloat16)), (dt, b, g, ks)
+    # same M values as the other kernels of the job (nothing extra)
+    cases = kernel.humming_cases(jobs, ["8B-qkv", "70B-down/tp2"])
+    assert set(cases) == {(n, k, g, dt) for n, k in (kernel.SHAPES["8B-qkv"], kernel.SHAPES["70B-down/tp2"])
+                          for dt, g in ((torch.float16, 128), (torch.bfloat16, 128), (torch.float16, 64))}
+    assert cases[(6144, 4096, 128, torch.bfloat16)] == kernel.MS
+    assert cases[(6144, 4096, 64, torch.float16)] == (1, 16, 64)
+
+
+def test_quick_plan_has_no_humming():
+    assert all("humming" not in ks for *_, ks in kernel.plan_jobs("quick"))
+    assert kernel.humming_cases(kernel.plan_jobs("quick"), list(kernel.SHAPES)) == {}
+
+
+def _rec(kern, m, us, base):
+    return dict(gpu="GPU", dtype="bfloat16", bits=4, group_size=128, shape="8B-qkv", N=6144, K=4096, M=m, kernel=kern,
+                us=us, speedup_vs_cublas=None if kern == "cublas" else round(base / us, 3), roofline_frac=None,
+                floor_frac=None)
+
+
+def test_markdown_shows_a_humming_row_next_to_tinygemm(tmp_path):
+    recs = []
+    for m, base in ((1, 20.0), (16, 22.0)):
+        recs += [_rec("cublas", m, base, base), _rec("tinygemm", m, 15.0, base), _rec("humming", m, 8.0, base),
+                 _rec("flute", m, 7.0, base)]
+    kernel.write_markdown(recs, tmp_path / "t.md", "GPU")
+    lines = (tmp_path / "t.md").read_text().splitlines()
+    rows = [ln for ln in lines if ln.startswith("| 8B-qkv |")]
+    kerns = [ln.split("|")[4].strip() for ln in rows]
+    assert kerns == ["cublas", "tinygemm", "humming", "flute"]
+    hum = rows[kerns.index("humming")]
+    assert "8.0 (2.50x)" in hum and "8.0 (2.75x)" in hum
+    assert any("`humming`" in ln for ln in lines)  # the kernel is described in the header
+
+
+def test_markdown_has_no_humming_row_without_records(tmp_path):
+    recs = [_rec("cublas", 1, 20.0, 20.0), _rec("flute", 1, 7.0, 20.0)]
+    kernel.write_markdown(recs, tmp_path / "t.md", "GPU")
+    assert not [ln for ln in (tmp_path / "t.md").read_text().splitlines() if "| humming |" in ln]
+
+
+class _FakeLayer:
+    made = []
+
+    def __init__(self, n, k, g, dtype, ms):
+        self.nbytes = n * k // 2
+        self.copies = [None]
+        _FakeLayer.made.append(self)
+
+    def rel_error(self):
+        return self.err
+
+    def make_copies(self, r):
+        self.copies = [None] * r
+
+
+@pytest.fixture
+def fake_humming(monkeypatch):
+    monkeypatch.setattr(kernel, "_humming_state", {"error": None})
+    monkeypatch.setattr(kernel, "copies_for", lambda nbytes: 3)
+    monkeypatch.setattr(kernel, "HummingLayer", _FakeLayer)
+    _FakeLayer.made = []
+    return _FakeLayer
+
+
+@pytest.mark.parametrize("err, timed", [(1e-3, True), (0.05, False), (float("nan"), False)])
+def test_setup_times_only_a_layer_that_matches_the_float32_reference(fake_humming, monkeypatch, capsys, err, timed):
+    monkeypatch.setattr(fake_humming, "err", err, raising=False)
+    hl = kernel.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1, 16))
+    out = capsys.readouterr().out
+    if timed:
+        assert hl is fake_humming.made[0] and len(hl.copies) == 3 and out == ""
+    else:
+        assert hl is None and "humming skipped for 8B-o float16 g128" in out and "limit 0.02" in out
+
+
+def test_setup_reports_a_failure_and_goes_on(fake_humming, monkeypatch, capsys):
+    def boom(self):
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(fake_humming, "rel_error", boom)
+    assert kernel.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1,)) is None
+    assert capsys.readouterr().out.strip() == "humming unavailable: RuntimeError: no kernel"
+
+
+def test_missing_package_is_reported_once(monkeypatch, capsys):
+    monkeypatch.setattr(kernel, "_humming_state", {"error": "ModuleNotFoundError: No module named 'humming'"})
+    assert kernel.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1,)) is None
+    assert kernel.humming_setup("8B-qkv", 6144, 4096, 128, torch.float16, (1,)) is None
+    assert capsys.readouterr().out.strip() == "humming unavailable: ModuleNotFoundError: No module named 'humming'"
+
+
+def test_import_error_names_the_reason(monkeypatch):
+    monkeypatch.setattr(kernel, "_humming_state", {})
+    monkeypatch.setitem(sys.modules, "humming", None)  # import of humming raises ImportError
+    assert kernel.humming_import_error().startswith(("ModuleNotFoundError", "ImportError"))
+
+
+def _humming_importable():
+    try:
+        importlib.import_module("humming.forward")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.skipif(not _humming_importable(), reason="needs the humming package (pip humming-kernels)")
+@pytest.mark.parametrize("dtype, g", [(torch.float16, 128), (torch.bfloat16, 128), (torch.float16, 64)])
+def test_humming_layer_matches_float32_reference_on_gpu(dtype, g):
+    hl = kernel.HummingLayer(1024, 2048, g, dtype, (1, 16, 64))
+    assert hl.rel_error() < kernel.HUMMING_MAX_REL_ERR
+    hl.make_copies(2)
+    x = torch.randn(64, 2048, device="cuda").to(dtype)
+    y0, y1 = hl.forward(x, 0), hl.forward(x, 1)
+    assert y0.shape == (64, 1024) and y0.dtype == dtype
+    torch.testing.assert_close(y0, y1, rtol=1e-2, atol=1e-2)  # the copies hold the same layer
+    assert kernel.time_graph([lambda i=i: hl.forward(x, i) for i in range(2)], 20) > 0
