@@ -1,4 +1,4 @@
-"""benchmarks/kernel.py on the CPU: the humming-kernels additions (int4 packing and dequantization it
+"""benchmarks/kernel.py + benchmarks/humming_int4.py on the CPU: the humming-kernels baseline (int4 packing and dequantization it
 feeds humming, the interval choice, the plans, the markdown table, the correctness gate). The GPU part
 (humming's conversion and kernels) runs only with a CUDA GPU and the humming package."""
 import importlib
@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
+import humming_int4 as hb  # noqa: E402
 import kernel  # noqa: E402
 
 
@@ -27,18 +28,18 @@ def _pack_reference(codes):
 def test_pack_int4_matches_a_reference_and_humming_bit_order():
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8, generator=g)
-    assert torch.equal(kernel.pack_int4(codes), _pack_reference(codes))
+    assert torch.equal(hb.pack_int4(codes), _pack_reference(codes))
     # code k of a row at bits 4*(k%8) of word k//8 (humming's pack_weight, GPTQ / compressed-tensors order)
     row = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 15, 15, 15, 15, 15, 15, 15, 15]], dtype=torch.uint8)
-    assert kernel.pack_int4(row).tolist() == [[0x76543210, -1]]
-    assert kernel.pack_int4(codes, rows=2).equal(kernel.pack_int4(codes))  # row chunks change nothing
+    assert hb.pack_int4(row).tolist() == [[0x76543210, -1]]
+    assert hb.pack_int4(codes, rows=2).equal(hb.pack_int4(codes))  # row chunks change nothing
 
 
 def test_unpack_int4_inverts_pack():
     codes = torch.randint(0, 16, (7, 128), dtype=torch.uint8)
-    packed = kernel.pack_int4(codes)
+    packed = hb.pack_int4(codes)
     assert packed.shape == (7, 16) and packed.dtype == torch.int32
-    assert torch.equal(kernel.unpack_int4(packed), codes)
+    assert torch.equal(hb.unpack_int4(packed), codes)
 
 
 @pytest.mark.parametrize("g", [64, 128])
@@ -46,32 +47,32 @@ def test_dequant_int4_is_symmetric_code_minus_8_times_group_scale(g):
     n, k = 3, 256
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
     scales = (torch.rand(n, k // g) * 0.02 + 0.005).to(torch.bfloat16)
-    w = kernel.dequant_int4(codes, scales, g)
+    w = hb.dequant_int4(codes, scales, g)
     assert w.dtype == torch.float32
     for r in range(n):
         for c in (0, g - 1, g, k - 1):
             assert w[r, c].item() == pytest.approx((int(codes[r, c]) - 8) * scales[r, c // g].float().item())
-    assert kernel.dequant_int4(torch.full((1, g), 8, dtype=torch.uint8), scales[:1, :1], g).abs().max() == 0
+    assert hb.dequant_int4(torch.full((1, g), 8, dtype=torch.uint8), scales[:1, :1], g).abs().max() == 0
 
 
 def test_quant_config_is_vllms_symmetric_int4():
-    assert kernel.humming_quant_config(64) == {"quant_method": "humming", "dtype": "int4", "group_size": 64,
+    assert hb.humming_quant_config(64) == {"quant_method": "humming", "dtype": "int4", "group_size": 64,
                                                "has_zero_point": False}
 
 
 def test_select_intervals_keeps_the_entries_holding_each_m():
     iv = [[0, 8, "a"], [8, 16, "b"], [16, 64, "c"], [64, 256, "d"], [256, 1 << 30, "e"]]
     # the launcher runs entry (lo, hi] for lo < M <= hi
-    assert [e[2] for e in kernel.select_intervals(iv, (1, 8))] == ["a"]
-    assert [e[2] for e in kernel.select_intervals(iv, (1, 16, 64, 8192))] == ["a", "b", "c", "e"]
-    assert [e[2] for e in kernel.select_intervals(iv, (9, 65))] == ["b", "d"]
+    assert [e[2] for e in hb.select_intervals(iv, (1, 8))] == ["a"]
+    assert [e[2] for e in hb.select_intervals(iv, (1, 16, 64, 8192))] == ["a", "b", "c", "e"]
+    assert [e[2] for e in hb.select_intervals(iv, (9, 65))] == ["b", "d"]
     with pytest.raises(ValueError, match="M=\\[0\\]"):
-        kernel.select_intervals(iv, (0, 1))
+        hb.select_intervals(iv, (0, 1))
 
 
 def test_humming_ms_adds_the_check_m_and_m1():
-    assert kernel.humming_ms((64, 4096)) == (1, kernel.HUMMING_CHECK_M, 64, 4096)
-    assert kernel.humming_ms(kernel.MS) == kernel.MS
+    assert hb.humming_ms((64, 4096)) == (1, hb.HUMMING_CHECK_M, 64, 4096)
+    assert hb.humming_ms(kernel.MS) == kernel.MS
 
 
 @pytest.mark.parametrize("plan", ["core", "full"])
@@ -138,9 +139,9 @@ class _FakeLayer:
 
 @pytest.fixture
 def fake_humming(monkeypatch):
-    monkeypatch.setattr(kernel, "_humming_state", {"error": None})
-    monkeypatch.setattr(kernel, "copies_for", lambda nbytes: 3)
-    monkeypatch.setattr(kernel, "HummingLayer", _FakeLayer)
+    monkeypatch.setattr(hb, "humming_state", {"error": None})
+    monkeypatch.setattr(hb, "copies_for", lambda nbytes: 3)
+    monkeypatch.setattr(hb, "HummingLayer", _FakeLayer)
     _FakeLayer.made = []
     return _FakeLayer
 
@@ -148,7 +149,7 @@ def fake_humming(monkeypatch):
 @pytest.mark.parametrize("err, timed", [(1e-3, True), (0.05, False), (float("nan"), False)])
 def test_setup_times_only_a_layer_that_matches_the_float32_reference(fake_humming, monkeypatch, capsys, err, timed):
     monkeypatch.setattr(fake_humming, "err", err, raising=False)
-    hl = kernel.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1, 16))
+    hl = hb.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1, 16))
     out = capsys.readouterr().out
     if timed:
         assert hl is fake_humming.made[0] and len(hl.copies) == 3 and out == ""
@@ -160,21 +161,31 @@ def test_setup_reports_a_failure_and_goes_on(fake_humming, monkeypatch, capsys):
     def boom(self):
         raise RuntimeError("no kernel")
     monkeypatch.setattr(fake_humming, "rel_error", boom)
-    assert kernel.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1,)) is None
+    assert hb.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1,)) is None
     assert capsys.readouterr().out.strip() == "humming unavailable: RuntimeError: no kernel"
 
 
 def test_missing_package_is_reported_once(monkeypatch, capsys):
-    monkeypatch.setattr(kernel, "_humming_state", {"error": "ModuleNotFoundError: No module named 'humming'"})
-    assert kernel.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1,)) is None
-    assert kernel.humming_setup("8B-qkv", 6144, 4096, 128, torch.float16, (1,)) is None
+    monkeypatch.setattr(hb, "humming_state", {"error": "ModuleNotFoundError: No module named 'humming'"})
+    assert hb.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1,)) is None
+    assert hb.humming_setup("8B-qkv", 6144, 4096, 128, torch.float16, (1,)) is None
     assert capsys.readouterr().out.strip() == "humming unavailable: ModuleNotFoundError: No module named 'humming'"
 
 
+def test_run_without_the_package_reports_once_and_compiles_nothing(monkeypatch, capsys):
+    monkeypatch.setattr(hb, "humming_state", {"error": "ModuleNotFoundError: No module named 'humming'"})
+    monkeypatch.setattr(hb, "humming_precompile", lambda cases: pytest.fail("must not compile without the package"))
+    hb.humming_prepare_run({(4096, 4096, 128, torch.float16): (1, 16)})
+    assert hb.humming_setup("8B-o", 4096, 4096, 128, torch.float16, (1,)) is None
+    assert capsys.readouterr().out.strip() == "humming unavailable: ModuleNotFoundError: No module named 'humming'"
+    hb.humming_prepare_run({})  # nothing to time: not even an import attempt
+    assert capsys.readouterr().out == ""
+
+
 def test_import_error_names_the_reason(monkeypatch):
-    monkeypatch.setattr(kernel, "_humming_state", {})
+    monkeypatch.setattr(hb, "humming_state", {})
     monkeypatch.setitem(sys.modules, "humming", None)  # import of humming raises ImportError
-    assert kernel.humming_import_error().startswith(("ModuleNotFoundError", "ImportError"))
+    assert hb.humming_import_error().startswith(("ModuleNotFoundError", "ImportError"))
 
 
 def _humming_importable():
@@ -190,8 +201,8 @@ def _humming_importable():
 @pytest.mark.skipif(not _humming_importable(), reason="needs the humming package (pip humming-kernels)")
 @pytest.mark.parametrize("dtype, g", [(torch.float16, 128), (torch.bfloat16, 128), (torch.float16, 64)])
 def test_humming_layer_matches_float32_reference_on_gpu(dtype, g):
-    hl = kernel.HummingLayer(1024, 2048, g, dtype, (1, 16, 64))
-    assert hl.rel_error() < kernel.HUMMING_MAX_REL_ERR
+    hl = hb.HummingLayer(1024, 2048, g, dtype, (1, 16, 64))
+    assert hl.rel_error() < hb.HUMMING_MAX_REL_ERR
     hl.make_copies(2)
     x = torch.randn(64, 2048, device="cuda").to(dtype)
     y0, y1 = hl.forward(x, 0), hl.forward(x, 1)
