@@ -20,11 +20,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+# kernel.py puts the repo root on sys.path (this folder is on it already: the script's, or the tests')
+from kernel import FULL, SHAPES  # noqa: E402
+
+from flute_vllm import _build, cuda_op  # noqa: E402
+from flute_vllm.timing import Layer, dense_copies, time_graph  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-SHAPES = {  # the 8 Llama-3 8B/70B shapes of benchmarks/kernel.py: name -> (N, K)
-    "8B-qkv": (6144, 4096), "8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "8B-down": (4096, 14336),
-    "70B-qkv": (10240, 8192), "70B-o": (8192, 8192), "70B-gate_up": (57344, 8192), "70B-down": (8192, 28672),
-}
 
 
 REL_ERR_MAX = 1e-2  # vs the fp32 dequantize + matmul of the same weights (fp16/bf16 rounding is ~1e-3)
@@ -53,7 +58,7 @@ def summarize(results: dict[str, list[dict]]) -> str:
     for n in names:
         common = [k for k in base if k in by[n]]
         if not common:
-            lines.append(f"| {n} | {results[n][0]['flags'] if results[n] else ''} | (no results) | |")
+            lines.append(f"| {n} | {results[n][0]['flags'] if results[n] else ''} | (no results) | | |")
             continue
         ratio = statistics.geometric_mean([by[n][k]["us"] / base[k]["us"] for k in common])
         vs_cublas = statistics.geometric_mean([by[n][k]["cublas_us"] / by[n][k]["us"] for k in common])
@@ -66,19 +71,12 @@ def summarize(results: dict[str, list[dict]]) -> str:
 
 def worker(args) -> None:
     """Time the current build (this process's FLUTE_VLLM_NVCC_FLAGS); one JSON line per case."""
-    import torch
-    import torch.nn.functional as F
-
-    sys.path.insert(0, str(ROOT))
-    from flute_vllm import cuda_op
-    from flute_vllm.timing import Layer, copies_for, time_graph
-
     dtype = getattr(torch, args.dtype)
     flags = os.environ.get("FLUTE_VLLM_NVCC_FLAGS", "")
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         layer = Layer(n, k, args.bits, args.group_size, dtype)
-        dense = [torch.randn(n, k, device="cuda", dtype=dtype) for _ in range(copies_for(n * k * 2))]
+        dense = dense_copies(n, k, dtype)
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             # a variant is only worth its time if it is right: vs dequantize + matmul (separate kernel)
@@ -102,7 +100,7 @@ def worker(args) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--variant", action="append", default=[], help="NAME=NVCC_FLAGS (repeat; first = baseline)")
-    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--shapes", default=",".join(FULL), help="kernel.py shape names (TP slices: NAME/tp2)")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4])
     ap.add_argument("--group-size", type=int, default=128)
@@ -124,13 +122,8 @@ def main(argv=None) -> dict:
     if len({n for n, _ in variants}) != len(variants):
         ap.error("--variant: names must differ")
 
-    import torch
-
     if not torch.cuda.is_available():
         raise SystemExit("ab_kernel needs a CUDA GPU (none visible)")
-    sys.path.insert(0, str(ROOT))
-    from flute_vllm import _build
-
     arch = _build.device_arch()
     env_of = {n: {**os.environ, "FLUTE_VLLM_NVCC_FLAGS": f} for n, f in variants}
     builds = {n: subprocess.Popen([sys.executable, "-m", "flute_vllm._build", "--arch", arch], cwd=ROOT, env=env_of[n],

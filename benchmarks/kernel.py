@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flute_vllm import cuda_op  # noqa: E402
-from flute_vllm.timing import Layer, copies_for, measure_read_bw, time_graph  # noqa: E402
+from flute_vllm.timing import Layer, copies_for, dense_copies, measure_read_bw, time_graph  # noqa: E402
 from humming_int4 import humming_prepare_run, humming_setup  # noqa: E402
 
 HBM_BW = 3.06e12  # read-only bandwidth of the H100 (DESIGN.md); replaced by a measurement at start
@@ -65,8 +65,7 @@ def bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu, dense_ms=
     dev = torch.device("cuda")
     layer = Layer(n, k, bits, g, dtype)
     if "cublas" in kernels:
-        wbytes = n * k * 2
-        ws = [torch.randn(n, k, device=dev).to(dtype) * 0.02 for _ in range(copies_for(wbytes))]
+        ws = dense_copies(n, k, dtype)
     tiny = None
     if "tinygemm" in kernels and dtype == torch.bfloat16 and bits == 4 and k % 128 == 0:
         try:

@@ -225,28 +225,32 @@ def _all_configs() -> list[dict]:
     return cfgs
 
 
+def _matches(cfg: dict, name: str) -> bool:
+    return any(s.lower() in name.lower() for s in cfg.get("match", []))
+
+
+def _default_config(configs: list[dict]) -> dict:
+    return next((c for c in configs if c.get("_file") == "default.json"), {})
+
+
 def match_config(name: str, configs: list[dict]) -> dict:
     """The first config whose ``match`` strings occur in the device ``name``, else ``default.json``'s."""
-    for cfg in configs:
-        if any(s.lower() in name.lower() for s in cfg.get("match", [])):
-            return cfg
-    return next((c for c in configs if c.get("_file") == "default.json"), {})
+    return next((c for c in configs if _matches(c, name)), _default_config(configs))
 
 
 def resolve_config(name: str, configs: list[dict]) -> dict:
     """The knobs for device ``name``: ``default.json``, overlaid by the shipped file matching the
     device, overlaid by an autotuned file from the user config dir (which only measures the path
-    thresholds, so the shipped per-GPU knobs it does not measure stay)."""
+    thresholds, so the shipped per-GPU knobs it does not measure stay). User files are the ones
+    :func:`_all_configs` names by absolute path."""
     shipped = [c for c in configs if not os.path.isabs(c.get("_file", ""))]
     user = [c for c in configs if os.path.isabs(c.get("_file", ""))]
-    layers = [next((c for c in shipped if c.get("_file") == "default.json"), {}), match_config(name, shipped)]
-    tuned = next((c for c in user if any(s.lower() in name.lower() for s in c.get("match", []))), None)
-    if tuned is not None:
-        layers.append(tuned)
+    layers = [_default_config(shipped)]
+    layers += [c for c in shipped if _matches(c, name)][:1] + [c for c in user if _matches(c, name)][:1]
     out: dict = {}
     for layer in layers:
         out.update({k: v for k, v in layer.items() if not k.startswith("_") and k not in ("name", "match", "notes")})
-    out["config_file"] = "+".join(dict.fromkeys(str(layer.get("_file", "<none>")) for layer in layers))
+    out["config_file"] = "+".join(str(layer.get("_file", "<none>")) for layer in layers)
     return out
 
 
@@ -310,12 +314,11 @@ def n_tiles_per_warp(m_tiles: int) -> int:
 
 
 def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
-         resident: Optional[int] = None, n_tiles: Optional[int] = None) -> dict:
+         resident: Optional[int] = None) -> dict:
     """Launch plan of the mma.sync kernel: m_tiles, split-K (CTAs along K), chunks per split
     (:func:`_split_k`'s wave model with ``resident`` CTAs per SM and ``cta_overhead_chunks``)."""
     mt = m_tiles or m_tiles_for(m)
-    nt = n_tiles_per_warp(mt) if n_tiles is None else n_tiles
-    grid_x = -(-n // (TILE_N * nt * WARPS_PER_CTA))
+    grid_x = -(-n // (TILE_N * n_tiles_per_warp(mt) * WARPS_PER_CTA))
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K
     splits, cps = _split_k(grid_x * m_chunks, nch, cfg, cfg["sm_count"] * (resident or 4),

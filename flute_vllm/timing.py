@@ -72,6 +72,12 @@ def copies_for(nbytes: int) -> int:
     return max(1, math.ceil(4 * l2_bytes() / max(1, nbytes)))
 
 
+def dense_copies(n: int, k: int, dtype) -> list[torch.Tensor]:
+    """cuBLAS's operand for the same layer: R copies of a random dense [N, K] weight (L2 defeated)."""
+    return [torch.randn(n, k, device="cuda").to(dtype) * 0.02
+            for _ in range(copies_for(n * k * torch.empty(0, dtype=dtype).element_size()))]
+
+
 class Layer:
     """R copies of one random quantized layer in the kernel layout."""
 
