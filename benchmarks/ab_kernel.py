@@ -7,7 +7,7 @@ method of ``benchmarks/kernel.py`` (one CUDA graph of many calls, L2 defeated by
 copies) on the same shapes, Ms and path, with cuBLAS timed in the same process as a yardstick.
 Prints µs per case and variant, and the geo-mean time ratio of each variant to the first one.
 
-    python benchmarks/ab_kernel.py -v base= -v s8=-DFLUTE_LUT_STAGES=8 -v nomix=-DFLUTE_LUT_MIXED_DECODE=0 \\
+    python benchmarks/ab_kernel.py -v base= -v s8=-DFLUTE_LUT_STAGES=8 -v mix=-DFLUTE_LUT_MIXED_MIN_MT=1 \\
         --ms 1,16 --bits 4 --out /tmp/ab.json
 """
 from __future__ import annotations

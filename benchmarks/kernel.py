@@ -18,6 +18,7 @@ reported. Writes ``benchmarks/results/<gpu>.json`` (a list of records) and ``<gp
 
     python benchmarks/kernel.py             # the full plan (~ a few minutes on an H100)
     python benchmarks/kernel.py --quick     # fp16 W4 g128 only, fewer M (no humming)
+    python benchmarks/kernel.py --resume    # go on from a run stopped by a time limit (same --out)
 
 With no network on the GPU machine, carry the wheels (``pip download --no-deps humming-kernels packaging``
 into .whl/; humming imports ``packaging`` without declaring it) and
@@ -253,6 +254,11 @@ def plan_jobs(plan):
     return jobs
 
 
+def case_key(record) -> tuple:
+    """(dtype, bits, G, shape) of a benchmark record: the unit --resume skips when present."""
+    return (record["dtype"], record["bits"], record["group_size"], record["shape"])
+
+
 def humming_cases(jobs, names):
     """{(N, K, G, dtype): Ms} of the humming layers a run times (bench_shape's conditions)."""
     cases = {}
@@ -270,6 +276,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--plan", default="full", choices=["full", "quick", "core"])
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the records of <out>/<gpu>.json and run only the (job, shape) pairs it lacks")
     ap.add_argument("--tune", default="", help="comma-separated shapes: split-K sweep only")
     ap.add_argument("--tune-ms", default="1,16,64", help="M values for --tune")
     args = ap.parse_args(argv)
@@ -283,18 +291,23 @@ def main(argv=None):
     print(f"{gpu}: read bandwidth {HBM_BW / 1e12:.2f} TB/s", flush=True)
     names = [s for s in args.shapes.split(",") if s]
     torch.backends.cuda.matmul.allow_tf32 = False
-    records = []
-    jobs = plan_jobs(plan)
-    t0 = time.time()
-    humming_prepare_run(humming_cases(jobs, names))
-    for dtype, bits, g, ms, kernels in jobs:
-        for name in names:
-            n, k = SHAPES[name]
-            bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^A-Za-z0-9]+", "_", gpu).strip("_")
-    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    json_path = out / f"{stem}.json"
+    records = json.loads(json_path.read_text()) if args.resume and json_path.exists() else []
+    done = {case_key(r) for r in records}
+    # (job, shape) pairs still to run; each one's records are written as soon as it finishes, so a
+    # run stopped by a time limit keeps what it measured and --resume goes on from there
+    todo = [(job, name) for job in plan_jobs(plan) for name in names
+            if (str(job[0]).split(".")[-1], job[1], job[2], name) not in done]
+    json_path.write_text(json.dumps(records, indent=1))  # the file holds this run's records from now on
+    t0 = time.time()
+    humming_prepare_run(humming_cases([job for job, _ in todo], sorted({name for _, name in todo})))
+    for (dtype, bits, g, ms, kernels), name in todo:
+        n, k = SHAPES[name]
+        bench_shape(name, n, k, dtype, bits, g, ms, kernels, records, gpu)
+        json_path.write_text(json.dumps(records, indent=1))
     write_markdown(records, out / f"{stem}.md", gpu)
     print(f"wrote {out / stem}.json/.md ({len(records)} records, {time.time() - t0:.0f}s)")
     print((out / f"{stem}.md").read_text().split("## float16 W4")[0])

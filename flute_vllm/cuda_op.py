@@ -39,6 +39,7 @@ TILE_N = 16
 CHUNK_K = 64
 TABLE_WORDS = 24
 WARPS_PER_CTA = 4
+N_TILES_PER_WARP = {1: 2, 2: 2, 4: 2, 8: 1}  # m_tiles -> weight tiles per warp (flute_kernel.h defaults)
 COUNTER_SLOTS = 1 << 16
 GROUP_SIZES = (32, 64, 128, 256)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -306,11 +307,12 @@ def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits
 
 @lru_cache(maxsize=None)
 def n_tiles_per_warp(m_tiles: int) -> int:
-    """16-row weight tiles per warp of the mma.sync kernel (kernels/flute_kernel.h
-    gemm_n_tiles_per_warp: 2 at m_tiles = 4, else 1 unless a kernel experiment's build says so)."""
+    """16-row weight tiles per warp of the mma.sync kernel: the built extension's
+    gemm_n_tiles_per_warp on CUDA (a kernel experiment's build may change it), else the defaults of
+    kernels/flute_kernel.h, mirrored in :data:`N_TILES_PER_WARP` (a CPU test compares them)."""
     if torch.cuda.is_available():
         return int(_ext().n_tiles_per_warp(m_tiles))
-    return 2 if m_tiles == 4 else 1
+    return N_TILES_PER_WARP[m_tiles]
 
 
 def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,

@@ -169,21 +169,33 @@ __device__ __forceinline__ void decode(const Frag<BITS>& f, const ByteTable& tb,
   }
 }
 
+// The 4-bit pair table (FLUTE's trick) in shared memory: entry e (two 4-bit indices) -> the 16-bit
+// pair (T[e & 15], T[e >> 4]) = one mma A register, stored COPIES times side by side (lane l reads
+// copy l % COPIES). 16 copies (16 KB): a warp's lookups have <= 2-way bank conflicts (lanes l and
+// l + 16 share a copy); 32 copies (32 KB): none.
+template <int COPIES>
+struct PairTable {
+  static_assert(COPIES == 16 || COPIES == 32, "pair table copies: 16 or 32");
+  static constexpr int kBytes = 256 * COPIES * 4;
+  static constexpr uint32_t kEntryBytes = 4 * COPIES;
+  __device__ static uint32_t lane_offset(int lane) { return 4u * (uint32_t)(lane & (COPIES - 1)); }
+};
+
 // 4-bit decode through the shared-memory pair table: byte j of the step's word holds the
-// indices of a[j]'s two halves; one PRMT + one IMAD + one conflict-free LDS per register.
-template <int S>
+// indices of a[j]'s two halves; one PRMT + one IMAD + one LDS per register.
+// pair_lane = table base + PairTable<COPIES>::lane_offset(lane).
+template <int S, int COPIES>
 __device__ __forceinline__ void decode_pair(uint32_t w, uint32_t pair_lane, uint32_t a[4]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const uint32_t idx = prmt(w, 0u, 0x4440u | j);
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * 64u + pair_lane));
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * PairTable<COPIES>::kEntryBytes + pair_lane));
   }
 }
 
-// The 4-bit pair table (FLUTE's trick) in shared memory, built by all threads of the CTA from one
-// kernel-layout table (words 0-7 = low/high byte tables): entry e (two 4-bit indices) -> the 16-bit
-// pair (T[e & 15], T[e >> 4]) = one mma A register, 16 copies (copy = lane & 15: a warp's lookups
-// have <= 2-way bank conflicts); 16 KB. The caller puts a barrier between this and the first lookup.
+// Builds the pair table with all threads of the CTA from one kernel-layout table (words 0-7 =
+// low/high byte tables). The caller puts a barrier between this and the first lookup.
+template <int COPIES>
 __device__ __forceinline__ void build_pair_table(uint32_t* s_pair, const uint32_t* tp) {
   for (int e = threadIdx.x; e < 256; e += blockDim.x) {
     const int i0 = e & 15, i1 = e >> 4;
@@ -191,19 +203,19 @@ __device__ __forceinline__ void build_pair_table(uint32_t* s_pair, const uint32_
     const uint32_t v1 = ((tp[i1 >> 2] >> (8 * (i1 & 3))) & 0xFF) | (((tp[4 + (i1 >> 2)] >> (8 * (i1 & 3))) & 0xFF) << 8);
     const uint4 v = make_uint4(v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16));
 #pragma unroll
-    for (int q = 0; q < 4; ++q) reinterpret_cast<uint4*>(s_pair + e * 16)[q] = v;
+    for (int q = 0; q < COPIES / 4; ++q) reinterpret_cast<uint4*>(s_pair + e * COPIES)[q] = v;
   }
 }
-constexpr int kPairTableBytes = 256 * 16 * 4;
 
 // Mixed 4-bit decode (v6): a[0], a[1] through the pair table, a[2], a[3] by byte permutes in
 // registers. Moves work from the L1/shared-memory pipe (90% busy at M=1 in ncu, the pair-table
 // loads have 2-way bank conflicts) to the ALU pipe, which has headroom.
+template <int COPIES>
 __device__ __forceinline__ void decode_mixed(uint32_t w, uint32_t pair_lane, const ByteTable& tb, uint32_t a[4]) {
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const uint32_t idx = prmt(w, 0u, 0x4440u | j);
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * 64u + pair_lane));
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * PairTable<COPIES>::kEntryBytes + pair_lane));
   }
   const uint32_t ch = (w & 0x77777777u) >> 16;
   const uint32_t m = prmt(w << 4, w, 0xFBEA);

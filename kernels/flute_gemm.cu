@@ -27,17 +27,24 @@
 #ifndef FLUTE_LUT_STAGES
 #define FLUTE_LUT_STAGES 4  // chunks in flight per warp, power of two (v5: 8 -> 4)
 #endif
-#ifndef FLUTE_LUT_MIXED_DECODE
-#define FLUTE_LUT_MIXED_DECODE 1  // 4-bit odd k-steps: a[2], a[3] by byte permutes (v6), else all by pair table
+#ifndef FLUTE_LUT_MIXED_MIN_MT
+#define FLUTE_LUT_MIXED_MIN_MT 4  // MT >= this: 4-bit odd k-steps decode a[2], a[3] by byte permutes (v6), else all
+                                  // by pair table (v9 at MT <= 2; v6-v8 used 1, mixed everywhere)
+#endif
+#ifndef FLUTE_LUT_PAIR_COPIES
+#define FLUTE_LUT_PAIR_COPIES 16  // copies of the 4-bit pair table per CTA: 16 (16 KB, 2-way bank conflicts) or 32 (32 KB, none)
 #endif
 #ifndef FLUTE_LUT_HOLD_ADDR
 #define FLUTE_LUT_HOLD_ADDR 1  // MT <= 2: ring addresses held in registers (v8)
 #endif
 #ifndef FLUTE_LUT_MT1_MIN_BLOCKS
-#define FLUTE_LUT_MT1_MIN_BLOCKS 8  // MT = 1 resident CTAs per SM asked of ptxas (8: a 64-register cap)
+#define FLUTE_LUT_MT1_MIN_BLOCKS 5  // MT = 1 resident CTAs per SM asked of ptxas (5: a 96-register cap; 8: 64)
 #endif
-// FLUTE_LUT_MT1_TILES (flute_kernel.h): weight tiles per warp at MT = 1 (1; 2 amortises the per-chunk
-// ring/activation/loop work over 2 tiles but needs ~80 registers: pair it with FLUTE_LUT_MT1_MIN_BLOCKS=6).
+#ifndef FLUTE_LUT_MT2_MIN_BLOCKS
+#define FLUTE_LUT_MT2_MIN_BLOCKS 4  // MT = 2 likewise (4: 128 registers, for 2 weight tiles per warp)
+#endif
+// FLUTE_LUT_MT1_TILES / FLUTE_LUT_MT2_TILES (flute_kernel.h): weight tiles per warp at MT = 1 / 2.
+// 2 tiles amortise the per-chunk ring, activation-load and loop work over two tiles (v9 at MT = 1).
 static_assert((FLUTE_LUT_STAGES & (FLUTE_LUT_STAGES - 1)) == 0 && FLUTE_LUT_STAGES >= 2,
               "FLUTE_LUT_STAGES must be a power of two >= 2");
 
@@ -45,7 +52,10 @@ namespace flute {
 namespace {
 
 // Resident CTAs per SM asked of ptxas (register cap): MT=1 fits 8 in 64 registers, MT=8 needs <= 170.
-template <int MT> struct MinBlocks { static constexpr int value = MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? 7 : 3; };
+template <int MT> struct MinBlocks {
+  static constexpr int value = MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
+};
+using LutPairTable = PairTable<FLUTE_LUT_PAIR_COPIES>;
 
 template <int BITS, int MT, int NT, typename T>
 __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(const GemmParams p) {
@@ -86,7 +96,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
   __shared__ __align__(16) T s_sc[kWarpsPerCta][STAGES][NT][2][16];
 
   const int cta_tile0 = min((int)blockIdx.x * kWarpsPerCta * NT, ntiles - 1);
-  extern __shared__ __align__(16) uint32_t s_pair[];  // [256][16] when BITS == 4 (built below)
+  extern __shared__ __align__(16) uint32_t s_pair[];  // LutPairTable when BITS == 4 (built below)
   const bool warp_work = warp_active && cb < ce;
   {
     ByteTable tb[NT];
@@ -99,7 +109,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
       tb[nt].hi[0] = h.x; tb[nt].hi[1] = h.y; tb[nt].hi[2] = h.z; tb[nt].hi[3] = h.w;
     }
     bool use_pair[NT];
-    const uint32_t pair_lane = smem_addr(s_pair) + 4 * (lane & 15);
+    const uint32_t pair_lane = smem_addr(s_pair) + LutPairTable::lane_offset(lane);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       use_pair[nt] = false;
@@ -198,12 +208,11 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
       }
     }
     // The pair table is built while the prologue's copies are in flight (all threads, one barrier).
-    // 4-bit: FLUTE-style pair table in shared memory, 16 copies (copy = lane & 15, <= 2-way bank conflicts):
-    // entry e (two 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register.
-    // Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
+    // 4-bit: FLUTE-style pair table in shared memory (LutPairTable, see PairTable): entry e (two
+    // 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register. Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
     // boundary inside the CTA) decode with byte permutes instead.
     if constexpr (BITS == 4) {
-      build_pair_table(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
+      build_pair_table<FLUTE_LUT_PAIR_COPIES>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
     }
 
@@ -249,8 +258,8 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
       if constexpr (PAIR) {                                                                     \
-        if ((S & 1) && FLUTE_LUT_MIXED_DECODE) decode_mixed(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
-        else decode_pair<S>(f[nt].w[S & (BITS - 1)], pair_lane, a);                             \
+        if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<FLUTE_LUT_PAIR_COPIES>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
+        else decode_pair<S, FLUTE_LUT_PAIR_COPIES>(f[nt].w[S & (BITS - 1)], pair_lane, a);      \
       } else {                                                                                  \
         decode<BITS, S>(f[nt], tb[nt], a);                                                      \
       }                                                                                         \
@@ -423,7 +432,7 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
   }
 }
 
-constexpr int pair_smem_bytes(int bits) { return bits == 4 ? 256 * 16 * 4 : 0; }
+constexpr int pair_smem_bytes(int bits) { return bits == 4 ? LutPairTable::kBytes : 0; }
 
 // Opt in to > 48 KB of shared memory (static ring + dynamic pair table); done once per kernel.
 template <int BITS, int MT, int NT, typename T>

@@ -38,14 +38,19 @@ struct GemmParams {
   DType dtype;
 };
 
-// Weight tiles (16 rows) per warp of the decode-size kernel at m_tiles = 1 (an experiment knob,
+// Weight tiles (16 rows) per warp of the decode-size kernel at m_tiles = 1 and 2 (experiment knobs,
 // see kernels/flute_gemm.cu; the build passes FLUTE_VLLM_NVCC_FLAGS to nvcc and the host compiler
-// alike, so launcher, binding and kernel agree).
+// alike, so launcher, binding and kernel agree; cuda_op.n_tiles_per_warp mirrors the defaults).
 #ifndef FLUTE_LUT_MT1_TILES
-#define FLUTE_LUT_MT1_TILES 1
+#define FLUTE_LUT_MT1_TILES 2
+#endif
+#ifndef FLUTE_LUT_MT2_TILES
+#define FLUTE_LUT_MT2_TILES 2
 #endif
 // Tiles of 16 output rows handled by one warp for a given m_tiles (the kernel's NT parameter).
-constexpr int gemm_n_tiles_per_warp(int m_tiles) { return m_tiles == 4 ? 2 : m_tiles == 1 ? FLUTE_LUT_MT1_TILES : 1; }
+constexpr int gemm_n_tiles_per_warp(int m_tiles) {
+  return m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? 2 : 1;
+}
 // CTAs along N for a given N and m_tiles.
 inline int gemm_grid_x(int N, int m_tiles) {
   const int rows_per_cta = 16 * gemm_n_tiles_per_warp(m_tiles) * kWarpsPerCta;

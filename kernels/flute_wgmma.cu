@@ -121,7 +121,7 @@ struct WgmmaSmem {
   static constexpr int kS = kWgmmaWarps * 2 * 16 * (int)sizeof(T);  // scales: 8 tiles x 2 halves x 16 rows
   static constexpr int kStage = (kX + kW + kS + 1023) / 1024 * 1024;  // X tiles stay 1024-aligned (swizzle)
   static constexpr int kStages = WgmmaStages<BITS, BN>::value;
-  static constexpr int kPair = BITS == 4 ? kPairTableBytes : 0;  // after the ring
+  static constexpr int kPair = BITS == 4 ? PairTable<16>::kBytes : 0;  // after the ring
   static constexpr int kBytes = kStages * kStage + kPair + 1024;  // + slack to align the base to 1024
 };
 
@@ -224,11 +224,11 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   // whose tile has another table (a fused-shard boundary inside the CTA) decodes with byte
   // permutes instead.
   bool use_pair = false;
-  const uint32_t pair_lane = sbase + STAGES * Smem::kStage + 4 * (lane & 15);
+  const uint32_t pair_lane = sbase + STAGES * Smem::kStage + PairTable<16>::lane_offset(lane);
   if constexpr (BITS == 4) {
     const int cta_tile0 = min((int)blockIdx.x * kWgmmaWarps, ntiles - 1);
     const uint32_t* tp0 = p.tables + (size_t)cta_tile0 * kTableWords;
-    build_pair_table(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
+    build_pair_table<16>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
     const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp0)), h = __ldg(reinterpret_cast<const uint4*>(tp0) + 1);
     use_pair = l.x == tb.lo[0] && l.y == tb.lo[1] && l.z == tb.lo[2] && l.w == tb.lo[3] &&
                h.x == tb.hi[0] && h.y == tb.hi[1] && h.z == tb.hi[2] && h.w == tb.hi[3];
@@ -277,10 +277,10 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
       s2[h][1] = (uint32_t)hi * 0x10001u;
     }
     if (BITS == 4 && use_pair) {
-      decode_pair<0>(f.w[0], pair_lane, a[0]);
-      decode_pair<1>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
-      decode_pair<2>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
-      decode_pair<3>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
+      decode_pair<0, 16>(f.w[0], pair_lane, a[0]);
+      decode_pair<1, 16>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
+      decode_pair<2, 16>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
+      decode_pair<3, 16>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
     } else {
       decode<BITS, 0>(f, tb, a[0]);
       decode<BITS, 1>(f, tb, a[1]);

@@ -362,6 +362,20 @@ def test_bad_inputs_raise_value_errors():
         cuda_op.prepare(qweight.float(), scales, tables, ends, 4, 64)
 
 
+def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
+    """cuda_op's CPU-side copies of the launch geometry (warps per CTA, weight tiles per warp by
+    m_tiles) equal the defaults in kernels/flute_kernel.h, which the launcher uses."""
+    from flute_vllm import _build
+
+    header = (_build.KERNEL_DIR / "flute_kernel.h").read_text()
+    assert int(re.search(r"kWarpsPerCta = (\d+);", header).group(1)) == cuda_op.WARPS_PER_CTA
+    mt1 = int(re.search(r"#define FLUTE_LUT_MT1_TILES (\d+)", header).group(1))
+    mt2 = int(re.search(r"#define FLUTE_LUT_MT2_TILES (\d+)", header).group(1))
+    body = re.search(r"gemm_n_tiles_per_warp\(int m_tiles\) \{\s*return ([^;]*);", header).group(1)
+    assert body == "m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? 2 : 1"
+    assert cuda_op.N_TILES_PER_WARP == {1: mt1, 2: mt2, 4: 2, 8: 1}
+
+
 def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
     """plan / plan_tc (no GPU needed): every K chunk is covered exactly by the splits, small grids
     are split along K to fill the GPU, huge grids are not, block_m follows the config table."""
@@ -392,8 +406,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
 
     # the shipped build of every .cu for sm_90a + sm_80, and flute_gemm.cu with the experiment knobs
     # (benchmarks/ab_kernel.py) away from their defaults for sm_90a, so a knob cannot rot unbuilt
-    knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_DECODE=0", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=6",
-             "-DFLUTE_LUT_MT1_TILES=2"]
+    knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_MIN_MT=1", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=8",
+             "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7", "-DFLUTE_LUT_PAIR_COPIES=32"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])

@@ -209,3 +209,36 @@ def test_humming_layer_matches_float32_reference_on_gpu(dtype, g):
     assert y0.shape == (64, 1024) and y0.dtype == dtype
     torch.testing.assert_close(y0, y1, rtol=1e-2, atol=1e-2)  # the copies hold the same layer
     assert kernel.time_graph([lambda i=i: hl.forward(x, i) for i in range(2)], 20) > 0
+
+
+def test_resume_runs_only_the_missing_shape_jobs_and_writes_after_each(tmp_path, monkeypatch):
+    """--resume keeps the records already in <out>/<gpu>.json and benchmarks only the (job, shape)
+    pairs they lack; records are on disk after every shape (a time-limited run keeps its work)."""
+    import json
+
+    calls = []
+
+    def fake_bench(name, n, k, dtype, bits, g, ms, kernels, records, gpu):
+        calls.append((name, bits))
+        # the previous shapes' records are already written when the next shape starts
+        on_disk = json.loads((tmp_path / "GPU_X.json").read_text()) if (tmp_path / "GPU_X.json").exists() else []
+        assert len(on_disk) == len(records)
+        records.append(dict(gpu=gpu, dtype=str(dtype).split(".")[-1], bits=bits, group_size=g, shape=name, N=n, K=k,
+                            M=1, kernel="cublas", us=1.0, speedup_vs_cublas=None, roofline_frac=None, floor_frac=None))
+
+    monkeypatch.setattr(kernel, "bench_shape", fake_bench)
+    monkeypatch.setattr(kernel, "gpu_name", lambda: "GPU X")
+    monkeypatch.setattr(kernel, "measure_read_bw", lambda: 1e12)
+    monkeypatch.setattr(kernel, "humming_prepare_run", lambda cases: None)
+    args = ["--plan", "quick", "--shapes", "8B-qkv,8B-o", "--out", str(tmp_path)]
+    kernel.main(args)
+    assert calls == [("8B-qkv", 4), ("8B-o", 4)]
+    data = json.loads((tmp_path / "GPU_X.json").read_text())
+    (tmp_path / "GPU_X.json").write_text(json.dumps([r for r in data if r["shape"] == "8B-qkv"]))
+    calls.clear()
+    kernel.main(args + ["--resume"])
+    assert calls == [("8B-o", 4)]
+    assert sorted(r["shape"] for r in json.loads((tmp_path / "GPU_X.json").read_text())) == ["8B-o", "8B-qkv"]
+    calls.clear()
+    kernel.main(args)  # without --resume: everything again, from an empty record list
+    assert len(calls) == 2 and len(json.loads((tmp_path / "GPU_X.json").read_text())) == 2
