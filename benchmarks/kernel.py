@@ -141,7 +141,7 @@ def best_flute(recs):
 
 
 def write_markdown(records, path, gpu):
-    lines = [f"# flute kernel benchmark on {gpu}", "",
+    lines = [f"# flute kernel benchmark on {gpu}", "", f"Run {time.strftime('%Y-%m-%d')}.", "",
              "Times in µs (median per call of a CUDA graph of many calls, L2 defeated by rotating weight copies). "
              "`flute` is the mma.sync LUT kernel; `flute_tc` the sm_90a wgmma kernel (M >= 16, Hopper); "
              "`flute_dense` is dequantize + cuBLAS (measured at M = 64 and M >= 256); "
@@ -214,8 +214,10 @@ def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16
         layer = Layer(n, k, bits, g, dtype)
         for m in ms:
             x = torch.randn(m, k, device="cuda").to(dtype)
-            res = cuda_op._ctas_per_sm(bits, cuda_op.m_tiles_for(m), str(dtype).split(".")[-1], 0)
-            auto = cuda_op.plan(m, n, k, cfg, resident=res)["splits"]
+            mt = cuda_op.m_tiles_for(m)
+            w = cuda_op.warps_for(bits, mt, n, k, cfg)
+            res = cuda_op._ctas_per_sm(bits, mt, str(dtype).split(".")[-1], 0, w)
+            auto = cuda_op.plan(m, n, k, cfg, resident=res, warps=w, bits=bits)["splits"]
             cells = []
             for sp in splits + (None,):
                 us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", splits=sp)

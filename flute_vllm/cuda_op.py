@@ -39,6 +39,7 @@ TILE_N = 16
 CHUNK_K = 64
 TABLE_WORDS = 24
 WARPS_PER_CTA = 4
+WIDE_WARPS_PER_CTA = 8  # m_tiles <= 2 only (warps_for)
 N_TILES_PER_WARP = {1: 2, 2: 2, 4: 2, 8: 1}  # m_tiles -> weight tiles per warp (flute_kernel.h defaults)
 COUNTER_SLOTS = 1 << 16
 GROUP_SIZES = (32, 64, 128, 256)
@@ -197,7 +198,8 @@ def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: in
     if scales.dtype in (torch.float16, torch.bfloat16) and not torch.cuda.is_current_stream_capturing():
         dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
         for mt in (1, 2, 4, 8):
-            _ctas_per_sm(bits, mt, str(scales.dtype).split(".")[-1], dev_index)
+            for w in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) if mt <= 2 else (WARPS_PER_CTA,):
+                _ctas_per_sm(bits, mt, str(scales.dtype).split(".")[-1], dev_index, w)
         tc_available(dev_index)
     return qweight_k, scales_k, tables_k
 
@@ -274,9 +276,9 @@ def m_tiles_for(m: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _ctas_per_sm(bits: int, m_tiles: int, dtype_name: str, device_index: int) -> int:
+def _ctas_per_sm(bits: int, m_tiles: int, dtype_name: str, device_index: int, warps: int = WARPS_PER_CTA) -> int:
     with torch.cuda.device(device_index):
-        return max(1, int(_ext().ctas_per_sm(bits, m_tiles, dtype_name)))
+        return max(1, int(_ext().ctas_per_sm(bits, m_tiles, dtype_name, warps)))
 
 
 def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits: Optional[int]) -> tuple[int, int]:
@@ -306,26 +308,42 @@ def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits
 
 
 @lru_cache(maxsize=None)
-def n_tiles_per_warp(m_tiles: int) -> int:
-    """16-row weight tiles per warp of the mma.sync kernel: the built extension's
-    gemm_n_tiles_per_warp on CUDA (a kernel experiment's build may change it), else the defaults of
-    kernels/flute_kernel.h, mirrored in :data:`N_TILES_PER_WARP` (a CPU test compares them)."""
+def rows_per_cta(m_tiles: int, warps: int = WARPS_PER_CTA) -> int:
+    """Output rows per CTA of the mma.sync kernel (16 x weight tiles per warp x warps): the built
+    extension's gemm_rows_per_cta on CUDA (a kernel experiment's build may change it), else the
+    defaults of kernels/flute_kernel.h mirrored here (a CPU test compares them)."""
     if torch.cuda.is_available():
-        return int(_ext().n_tiles_per_warp(m_tiles))
-    return N_TILES_PER_WARP[m_tiles]
+        return int(_ext().rows_per_cta(m_tiles, warps))
+    return TILE_N * N_TILES_PER_WARP[m_tiles] * warps
+
+
+def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
+    """Warps per CTA of the mma.sync kernel: 8 (one conflict-free 32 KB pair table shared by 8
+    warps; kernels/flute_kernel.h gemm_wide_ok) for 4-bit, m_tiles <= 2 and N*K >= the config's
+    ``lut_wide_cta_min_nk`` (null: never), else 4. Wide CTAs win where the pair-table lookups on
+    the L1/shared pipe bound the kernel (large layers) and lose on small ones (fewer, longer CTAs);
+    2/3-bit decode in registers and were not measured wide."""
+    min_nk = cfg.get("lut_wide_cta_min_nk")
+    wide = bits == 4 and m_tiles <= 2 and min_nk is not None and n * k >= min_nk
+    return WIDE_WARPS_PER_CTA if wide else WARPS_PER_CTA
 
 
 def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
-         resident: Optional[int] = None) -> dict:
-    """Launch plan of the mma.sync kernel: m_tiles, split-K (CTAs along K), chunks per split
-    (:func:`_split_k`'s wave model with ``resident`` CTAs per SM and ``cta_overhead_chunks``)."""
+         resident: Optional[int] = None, warps: Optional[int] = None, bits: int = 4) -> dict:
+    """Launch plan of the mma.sync kernel: m_tiles, warps per CTA (:func:`warps_for`), split-K (CTAs
+    along K), chunks per split (:func:`_split_k`'s wave model with ``resident`` CTAs per SM and
+    ``cta_overhead_chunks``)."""
     mt = m_tiles or m_tiles_for(m)
-    grid_x = -(-n // (TILE_N * n_tiles_per_warp(mt) * WARPS_PER_CTA))
+    w = warps or warps_for(bits, mt, n, k, cfg)
+    if w not in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) or (w == WIDE_WARPS_PER_CTA and mt > 2):
+        _fail(f"warps={w} must be {WARPS_PER_CTA}, or {WIDE_WARPS_PER_CTA} with m_tiles <= 2 (m_tiles={mt})")
+    grid_x = -(-n // rows_per_cta(mt, w))
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K
     splits, cps = _split_k(grid_x * m_chunks, nch, cfg, cfg["sm_count"] * (resident or 4),
                            float(cfg.get("cta_overhead_chunks", 2.0)), splits)
-    return {"m_tiles": mt, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "m_chunks": m_chunks}
+    return {"m_tiles": mt, "warps": w, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x,
+            "m_chunks": m_chunks}
 
 
 @lru_cache(maxsize=None)
@@ -446,7 +464,8 @@ def _split_buffers(splits: int, partial_floats: int, device) -> tuple[torch.Tens
     return torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.int32, device=device)
 
 
-def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None):
+def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None,
+         warps=None):
     """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
     m, k = x.shape
     n = scales.shape[0]
@@ -475,12 +494,13 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
     if x.data_ptr() % 16:
         x = x.clone()
     mt = m_tiles or m_tiles_for(m)
-    resident = _ctas_per_sm(bits, mt, str(x.dtype).split(".")[-1], dev_index)
-    pl = plan(m, n, k, cfg, mt, splits, resident)
+    w = warps or warps_for(bits, mt, n, k, cfg)
+    resident = _ctas_per_sm(bits, mt, str(x.dtype).split(".")[-1], dev_index, w)
+    pl = plan(m, n, k, cfg, mt, splits, resident, w, bits)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counters = _split_buffers(pl["splits"], pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, x.device)
     _ext().gemm(x, qweight, scales, tables, out, ws, counters, bits, group_size,
-                pl["splits"], pl["chunks_per_split"], pl["m_tiles"])
+                pl["splits"], pl["chunks_per_split"], pl["m_tiles"], pl["warps"])
     return out
 
 

@@ -176,6 +176,7 @@ __device__ __forceinline__ void decode(const Frag<BITS>& f, const ByteTable& tb,
 template <int COPIES>
 struct PairTable {
   static_assert(COPIES == 16 || COPIES == 32, "pair table copies: 16 or 32");
+  static constexpr int kCopies = COPIES;
   static constexpr int kBytes = 256 * COPIES * 4;
   static constexpr uint32_t kEntryBytes = 4 * COPIES;
   __device__ static uint32_t lane_offset(int lane) { return 4u * (uint32_t)(lane & (COPIES - 1)); }

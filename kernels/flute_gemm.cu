@@ -5,6 +5,7 @@
 //   BITS  index width (2, 3, 4)
 //   MT    8-row activation tiles per CTA (1, 2, 4, 8): the mma N dimension
 //   NT    16-row weight tiles per warp (1 or 2): reuse of activation fragments
+//   W     warps per CTA (4; 8 at MT <= 2 for large layers: one conflict-free pair table for 8 warps)
 //   T     activation type (half / bf16)
 // runtime: M, N, K, group size, split-K.
 //
@@ -31,9 +32,6 @@
 #define FLUTE_LUT_MIXED_MIN_MT 4  // MT >= this: 4-bit odd k-steps decode a[2], a[3] by byte permutes (v6), else all
                                   // by pair table (v9 at MT <= 2; v6-v8 used 1, mixed everywhere)
 #endif
-#ifndef FLUTE_LUT_PAIR_COPIES
-#define FLUTE_LUT_PAIR_COPIES 16  // copies of the 4-bit pair table per CTA: 16 (16 KB, 2-way bank conflicts) or 32 (32 KB, none)
-#endif
 #ifndef FLUTE_LUT_HOLD_ADDR
 #define FLUTE_LUT_HOLD_ADDR 1  // MT <= 2: ring addresses held in registers (v8)
 #endif
@@ -52,14 +50,19 @@ namespace flute {
 namespace {
 
 // Resident CTAs per SM asked of ptxas (register cap): MT=1 fits 8 in 64 registers, MT=8 needs <= 170.
-template <int MT> struct MinBlocks {
-  static constexpr int value = MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
+// 8-warp CTAs: 3 (MT = 1, 80 registers) and 2 (MT = 2, 128 registers) resident per SM.
+template <int MT, int W> struct MinBlocks {
+  static constexpr int value = W == 8 ? (MT == 1 ? 3 : 2)
+                                      : MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
 };
-using LutPairTable = PairTable<FLUTE_LUT_PAIR_COPIES>;
+// Pair-table copies: a 4-warp CTA keeps 16 (16 KB, <= 2-way bank conflicts) to keep its occupancy;
+// an 8-warp CTA shares 32 conflict-free copies (32 KB) among twice the warps.
+template <int W> using LutPairTable = PairTable<W == 8 ? 32 : 16>;
 
-template <int BITS, int MT, int NT, typename T>
-__global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(const GemmParams p) {
+template <int BITS, int MT, int NT, int W, typename T>
+__global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_kernel(const GemmParams p) {
   using Ops = TypeOps<T>;
+  using Pair = LutPairTable<W>;
   constexpr int STAGES = FLUTE_LUT_STAGES;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -68,7 +71,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
   const int ngroups = p.K / p.group_size;
   const bool g32 = p.group_size == 32;
   const bool half_last = (p.K & 63) != 0;
-  const int warp_tile0 = (blockIdx.x * kWarpsPerCta + warp) * NT;
+  const int warp_tile0 = (blockIdx.x * W + warp) * NT;
   const bool warp_active = warp_tile0 < ntiles;
   const int split = blockIdx.y;
   const int m0 = blockIdx.z * (8 * MT);
@@ -92,11 +95,11 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
       for (int j = 0; j < 4; ++j) acc[nt][mt][j] = 0.f;
 
   // Per-warp cp.async ring: STAGES chunks of packed weights (+ their group scales) in flight.
-  __shared__ __align__(16) uint32_t s_w[kWarpsPerCta][STAGES][NT][32 * BITS];
-  __shared__ __align__(16) T s_sc[kWarpsPerCta][STAGES][NT][2][16];
+  __shared__ __align__(16) uint32_t s_w[W][STAGES][NT][32 * BITS];
+  __shared__ __align__(16) T s_sc[W][STAGES][NT][2][16];
 
-  const int cta_tile0 = min((int)blockIdx.x * kWarpsPerCta * NT, ntiles - 1);
-  extern __shared__ __align__(16) uint32_t s_pair[];  // LutPairTable when BITS == 4 (built below)
+  const int cta_tile0 = min((int)blockIdx.x * W * NT, ntiles - 1);
+  extern __shared__ __align__(16) uint32_t s_pair[];  // Pair (LutPairTable) when BITS == 4 (built below)
   const bool warp_work = warp_active && cb < ce;
   {
     ByteTable tb[NT];
@@ -109,7 +112,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
       tb[nt].hi[0] = h.x; tb[nt].hi[1] = h.y; tb[nt].hi[2] = h.z; tb[nt].hi[3] = h.w;
     }
     bool use_pair[NT];
-    const uint32_t pair_lane = smem_addr(s_pair) + LutPairTable::lane_offset(lane);
+    const uint32_t pair_lane = smem_addr(s_pair) + Pair::lane_offset(lane);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       use_pair[nt] = false;
@@ -212,7 +215,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     // 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register. Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
     // boundary inside the CTA) decode with byte permutes instead.
     if constexpr (BITS == 4) {
-      build_pair_table<FLUTE_LUT_PAIR_COPIES>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
+      build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
     }
 
@@ -258,8 +261,8 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
       if constexpr (PAIR) {                                                                     \
-        if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<FLUTE_LUT_PAIR_COPIES>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
-        else decode_pair<S, FLUTE_LUT_PAIR_COPIES>(f[nt].w[S & (BITS - 1)], pair_lane, a);      \
+        if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
+        else decode_pair<S, Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, a);                \
       } else {                                                                                  \
         decode<BITS, S>(f[nt], tb[nt], a);                                                      \
       }                                                                                         \
@@ -347,7 +350,7 @@ __global__ void __launch_bounds__(128, MinBlocks<MT>::value) lut_gemm_kernel(con
   {
     // Sum the partials of this CTA's rows [n0, n0 + rows) x act rows [m0, m0 + 8*MT) in split
     // order (deterministic), 4 consecutive n per thread, many independent loads in flight.
-    const int rows = 16 * NT * kWarpsPerCta;
+    const int rows = 16 * NT * W;
     const int n0 = blockIdx.x * rows;
     const int nvalid = min(rows, p.N - n0);
     const int mvalid = min((int)mrows, p.M - m0);
@@ -432,56 +435,73 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
   }
 }
 
-constexpr int pair_smem_bytes(int bits) { return bits == 4 ? LutPairTable::kBytes : 0; }
+template <int BITS, int W> constexpr int pair_smem_bytes() { return BITS == 4 ? LutPairTable<W>::kBytes : 0; }
 
 // Opt in to > 48 KB of shared memory (static ring + dynamic pair table); done once per kernel.
-template <int BITS, int MT, int NT, typename T>
+template <int BITS, int MT, int NT, int W, typename T>
 cudaError_t set_smem_attr() {
-  static const cudaError_t err = cudaFuncSetAttribute(lut_gemm_kernel<BITS, MT, NT, T>,
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, pair_smem_bytes(BITS));
+  static const cudaError_t err = cudaFuncSetAttribute(lut_gemm_kernel<BITS, MT, NT, W, T>,
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, pair_smem_bytes<BITS, W>());
   return err;
 }
 
-template <int BITS, int MT, typename T>
-int occupancy_t() {
+template <int BITS, int MT, int W, typename T>
+int occupancy_w() {
   constexpr int NT = gemm_n_tiles_per_warp(MT);
   int n = 0;
-  if (set_smem_attr<BITS, MT, NT, T>() != cudaSuccess) return 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, T>, 128, pair_smem_bytes(BITS)) !=
-      cudaSuccess)
+  if (set_smem_attr<BITS, MT, NT, W, T>() != cudaSuccess) return 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, W, T>, 32 * W,
+                                                    pair_smem_bytes<BITS, W>()) != cudaSuccess)
     return 0;
   return n;
 }
 
+template <int BITS, int MT, int W, typename T>
+cudaError_t launch_gemm_w(const GemmParams& p, cudaStream_t stream) {
+  constexpr int NT = gemm_n_tiles_per_warp(MT);
+  dim3 grid(gemm_grid_x(p.N, MT, W), p.splits, gemm_m_chunks(p.M, MT));
+  const cudaError_t err = set_smem_attr<BITS, MT, NT, W, T>();
+  if (err != cudaSuccess) return err;
+  lut_gemm_kernel<BITS, MT, NT, W, T><<<grid, 32 * W, pair_smem_bytes<BITS, W>(), stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The warps-per-CTA choice (4, or 8 where gemm_wide_ok) for both the launch and the occupancy query.
+template <int BITS, int MT, typename T>
+int occupancy_t(int warps) {
+  if constexpr (gemm_wide_ok(MT)) {
+    if (warps == 8) return occupancy_w<BITS, MT, 8, T>();
+  }
+  return warps == kWarpsPerCta ? occupancy_w<BITS, MT, kWarpsPerCta, T>() : 0;
+}
+
+template <int BITS, int MT, typename T>
+cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
+  if constexpr (gemm_wide_ok(MT)) {
+    if (p.warps == 8) return launch_gemm_w<BITS, MT, 8, T>(p, stream);
+  }
+  return p.warps == kWarpsPerCta ? launch_gemm_w<BITS, MT, kWarpsPerCta, T>(p, stream) : cudaErrorInvalidValue;
+}
+
 template <int BITS, typename T>
-int occupancy_mt(int mt) {
+int occupancy_mt(int mt, int warps) {
   switch (mt) {
-    case 1: return occupancy_t<BITS, 1, T>();
-    case 2: return occupancy_t<BITS, 2, T>();
-    case 4: return occupancy_t<BITS, 4, T>();
-    case 8: return occupancy_t<BITS, 8, T>();
+    case 1: return occupancy_t<BITS, 1, T>(warps);
+    case 2: return occupancy_t<BITS, 2, T>(warps);
+    case 4: return occupancy_t<BITS, 4, T>(warps);
+    case 8: return occupancy_t<BITS, 8, T>(warps);
     default: return 0;
   }
 }
 
 template <typename T>
-int occupancy_bits(int bits, int mt) {
+int occupancy_bits(int bits, int mt, int warps) {
   switch (bits) {
-    case 2: return occupancy_mt<2, T>(mt);
-    case 3: return occupancy_mt<3, T>(mt);
-    case 4: return occupancy_mt<4, T>(mt);
+    case 2: return occupancy_mt<2, T>(mt, warps);
+    case 3: return occupancy_mt<3, T>(mt, warps);
+    case 4: return occupancy_mt<4, T>(mt, warps);
     default: return 0;
   }
-}
-
-template <int BITS, int MT, typename T>
-cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
-  constexpr int NT = gemm_n_tiles_per_warp(MT);
-  dim3 grid(gemm_grid_x(p.N, MT), p.splits, gemm_m_chunks(p.M, MT));
-  const cudaError_t err = set_smem_attr<BITS, MT, NT, T>();
-  if (err != cudaSuccess) return err;
-  lut_gemm_kernel<BITS, MT, NT, T><<<grid, 128, pair_smem_bytes(BITS), stream>>>(p);
-  return cudaGetLastError();
 }
 
 template <int BITS, typename T>
@@ -535,10 +555,10 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
   }
 }
 
-int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype) {
+int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps) {
   switch (dtype) {
-    case DType::kF16: return occupancy_bits<half>(bits, m_tiles);
-    case DType::kBF16: return occupancy_bits<__nv_bfloat16>(bits, m_tiles);
+    case DType::kF16: return occupancy_bits<half>(bits, m_tiles, warps);
+    case DType::kBF16: return occupancy_bits<__nv_bfloat16>(bits, m_tiles, warps);
     default: return 0;
   }
 }

@@ -35,6 +35,7 @@ struct GemmParams {
   int splits;                // CTAs along K
   int chunks_per_split;      // 64-wide K chunks per split
   int m_tiles;               // 8-row activation tiles per CTA: 1, 2, 4, 8
+  int warps;                 // warps per CTA of the mma.sync kernel: 4, or 8 (m_tiles <= 2, gemm_wide_ok)
   DType dtype;
 };
 
@@ -51,10 +52,13 @@ struct GemmParams {
 constexpr int gemm_n_tiles_per_warp(int m_tiles) {
   return m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? 2 : 1;
 }
-// CTAs along N for a given N and m_tiles.
-inline int gemm_grid_x(int N, int m_tiles) {
-  const int rows_per_cta = 16 * gemm_n_tiles_per_warp(m_tiles) * kWarpsPerCta;
-  return (N + rows_per_cta - 1) / rows_per_cta;
+// Wide CTAs (8 warps sharing one conflict-free 32 KB pair table) exist for m_tiles <= 2; the
+// caller picks them per layer (cuda_op.plan: large N*K, where the L1/shared pipe is the limit).
+constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= 2; }
+// Output rows per CTA, and CTAs along N, for a given N, m_tiles and warps per CTA.
+constexpr int gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles) * warps; }
+inline int gemm_grid_x(int N, int m_tiles, int warps) {
+  return (N + gemm_rows_per_cta(m_tiles, warps) - 1) / gemm_rows_per_cta(m_tiles, warps);
 }
 inline int gemm_m_chunks(int M, int m_tiles) { return (M + 8 * m_tiles - 1) / (8 * m_tiles); }
 
@@ -70,8 +74,8 @@ cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream);
 // call it outside CUDA-graph capture).
 bool wgmma_supported();
 
-// Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype); 0 on error.
-int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype);
+// Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype, warps); 0 on error.
+int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps);
 
 struct DequantParams {
   const uint32_t* qweight;

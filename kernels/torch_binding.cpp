@@ -65,13 +65,16 @@ flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Te
 // out[M, N] = x @ W^T, mma.sync kernel (m_tiles 8-row activation tiles per CTA).
 void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
           const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
-          int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles) {
+          int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles,
+          int64_t warps) {
+  TORCH_CHECK(warps == flute::kWarpsPerCta || (warps == 8 && flute::gemm_wide_ok((int)m_tiles)),
+              "flute: warps=", warps, " must be 4, or 8 with m_tiles <= 2");
   const int64_t M = x.size(0), N = out.size(1);
   const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
-  const flute::GemmParams p = gemm_params(x, x.size(1), qweight, scales, tables, out, workspace, counters, bits,
-                                          group_size, splits, chunks_per_split, m_tiles,
-                                          m_chunks * splits * 8 * m_tiles * N,
-                                          m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles));
+  flute::GemmParams p = gemm_params(x, x.size(1), qweight, scales, tables, out, workspace, counters, bits,
+                                    group_size, splits, chunks_per_split, m_tiles, m_chunks * splits * 8 * m_tiles * N,
+                                    m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles, (int)warps));
+  p.warps = (int)warps;
   const at::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = flute::launch_gemm(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flute: gemm launch failed: ", cudaGetErrorString(err));
@@ -123,9 +126,9 @@ void dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const to
   TORCH_CHECK(err == cudaSuccess, "flute: dequant launch failed: ", cudaGetErrorString(err));
 }
 
-int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype) {
+int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype, int64_t warps) {
   const flute::DType dt = dtype == "bfloat16" ? flute::DType::kBF16 : flute::DType::kF16;
-  return flute::gemm_ctas_per_sm((int)bits, (int)m_tiles, dt);
+  return flute::gemm_ctas_per_sm((int)bits, (int)m_tiles, dt, (int)warps);
 }
 
 }  // namespace
@@ -135,7 +138,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_wgmma", &gemm_wgmma, "flute LUT-GEMM, sm_90a tensor-core path (kernel layout)");
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("dequant", &dequant, "flute dequantize (kernel layout) to dense");
-  m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype)");
-  m.def("n_tiles_per_warp", [](int64_t m_tiles) { return (int64_t)flute::gemm_n_tiles_per_warp((int)m_tiles); },
-        "16-row weight tiles per warp of the gemm kernel for m_tiles (the build's choice)");
+  m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype, warps)");
+  m.def("rows_per_cta", [](int64_t m_tiles, int64_t warps) { return (int64_t)flute::gemm_rows_per_cta((int)m_tiles, (int)warps); },
+        "output rows per CTA of the gemm kernel for (m_tiles, warps) (the launcher's grid along N)");
 }

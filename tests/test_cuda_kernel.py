@@ -235,7 +235,8 @@ def test_randomized_sweep():
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", splits=splits, block_m=c["block_m"])
         else:
             splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "lut_split" else None
-            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits)
+            warps = rng.choice([4, 8]) if cuda_op.m_tiles_for(c["m"]) <= 2 else 4  # 8: wide CTAs, any bits
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits, warps=warps)
         ref = _reference(x, qweight, scales, tables, ends, c["bits"], c["g"])
         err = _rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
         key = (c["dtype"], c["bits"])
@@ -364,7 +365,7 @@ def test_bad_inputs_raise_value_errors():
 
 def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
     """cuda_op's CPU-side copies of the launch geometry (warps per CTA, weight tiles per warp by
-    m_tiles) equal the defaults in kernels/flute_kernel.h, which the launcher uses."""
+    m_tiles, hence rows per CTA) equal the defaults in kernels/flute_kernel.h, which the launcher uses."""
     from flute_vllm import _build
 
     header = (_build.KERNEL_DIR / "flute_kernel.h").read_text()
@@ -374,6 +375,30 @@ def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
     body = re.search(r"gemm_n_tiles_per_warp\(int m_tiles\) \{\s*return ([^;]*);", header).group(1)
     assert body == "m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? 2 : 1"
     assert cuda_op.N_TILES_PER_WARP == {1: mt1, 2: mt2, 4: 2, 8: 1}
+    assert "constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= 2; }" in header
+    assert "gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles) * warps; }" in header
+    if not torch.cuda.is_available():
+        assert [cuda_op.rows_per_cta(m) for m in (1, 2, 4, 8)] == [16 * 4 * mt1, 16 * 4 * mt2, 128, 64]
+        assert cuda_op.rows_per_cta(1, 8) == 16 * 8 * mt1
+
+
+def test_wide_ctas_only_where_configured_cpu():
+    """warps_for / plan: 8-warp CTAs only for 4-bit, m_tiles <= 2 and N*K >= lut_wide_cta_min_nk;
+    the grid along N follows the CTA width; a wide plan for m_tiles > 2 is refused."""
+    cfg = {"sm_count": 132, "cta_overhead_chunks": 2.0, "min_chunks_per_split": 4, "max_splits": 32,
+           "lut_wide_cta_min_nk": 1 << 25}
+    assert cuda_op.warps_for(4, 1, 57344, 8192, cfg) == 8
+    assert cuda_op.warps_for(4, 2, 57344, 8192, cfg) == 8
+    assert cuda_op.warps_for(4, 4, 57344, 8192, cfg) == 4   # m_tiles 4: no wide kernel
+    assert cuda_op.warps_for(3, 1, 57344, 8192, cfg) == 4   # 2/3-bit: not measured wide
+    assert cuda_op.warps_for(4, 1, 4096, 4096, cfg) == 4    # small layer
+    assert cuda_op.warps_for(4, 1, 57344, 8192, {**cfg, "lut_wide_cta_min_nk": None}) == 4
+    assert cuda_op.warps_for(4, 1, 57344, 8192, {}) == 4
+    wide = cuda_op.plan(1, 57344, 8192, cfg, resident=3)
+    narrow = cuda_op.plan(1, 57344, 8192, {**cfg, "lut_wide_cta_min_nk": None}, resident=5)
+    assert (wide["warps"], narrow["warps"]) == (8, 4) and wide["grid_x"] * 2 == narrow["grid_x"]
+    with pytest.raises(ValueError, match="warps=8"):
+        cuda_op.plan(64, 4096, 4096, cfg, m_tiles=8, warps=8)
 
 
 def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
@@ -407,7 +432,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     # the shipped build of every .cu for sm_90a + sm_80, and flute_gemm.cu with the experiment knobs
     # (benchmarks/ab_kernel.py) away from their defaults for sm_90a, so a knob cannot rot unbuilt
     knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_MIN_MT=1", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=8",
-             "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7", "-DFLUTE_LUT_PAIR_COPIES=32"]
+             "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
