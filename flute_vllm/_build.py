@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 SOURCES = ("flute_gemm.cu", "flute_wgmma.cu", "torch_binding.cpp")
-HEADERS = ("flute_kernel.h", "flute_device.cuh")
+HEADERS = ("flute_kernel.h", "flute_device.cuh", "flute_dispatch.h")
 MODULE_PREFIX = "flute_vllm_C"
 NVCC_FLAGS = ("-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo")
 CXX_FLAGS = ("-O3", "-std=c++17")

@@ -16,6 +16,14 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return d;
 }
 
+// Zero every element of a register array of any rank (unrolled at compile time).
+__device__ __forceinline__ void zero_fill(float& v) { v = 0.f; }
+template <typename E, int N>
+__device__ __forceinline__ void zero_fill(E (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) zero_fill(a[i]);
+}
+
 // The value, through a register the compiler cannot see into (so it is not re-derived later).
 template <bool ON = true>
 __device__ __forceinline__ uint32_t hold_in_reg(uint32_t v) {

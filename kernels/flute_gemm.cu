@@ -21,6 +21,7 @@
 
 #include "flute_kernel.h"
 #include "flute_device.cuh"
+#include "flute_dispatch.h"
 
 // Compile-time knobs for kernel experiments: benchmarks/ab_kernel.py builds variants with
 // FLUTE_VLLM_NVCC_FLAGS="-DFLUTE_LUT_...=..." and times them in one run. The defaults are the
@@ -86,13 +87,9 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     tile[nt] = min(warp_tile0 + nt, ntiles - 1);
   }
 
+  // acc: the output tile; part (below): the current group's MMA sums, folded into acc per group.
   float acc[NT][MT][4];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[nt][mt][j] = 0.f;
+  zero_fill(acc);
 
   // Per-warp cp.async ring: STAGES chunks of packed weights (+ their group scales) in flight.
   __shared__ __align__(16) uint32_t s_w[W][STAGES][NT][32 * BITS];
@@ -139,12 +136,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));  // k >> gshift = group
 
     float part[NT][MT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) part[nt][mt][j] = 0.f;
+    zero_fill(part);
 
     // Running per-lane state: the loop body does no index arithmetic beyond a few adds (v8: the
     // v7 loop recomputed ~60 instructions of addresses per chunk; at M = 1 that was most of it).
@@ -226,7 +218,6 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
       const T* xr[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
-      const uint4* sfrag = reinterpret_cast<const uint4*>(&s_w[warp][0][0][0]);
       uint32_t slot = 0;
 #pragma unroll 2
       for (int cc = cb; cc < ce; ++cc) {
@@ -238,11 +229,11 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
         Frag<BITS> f[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          const uint32_t* sw = s_w[warp][slot][nt];
           if constexpr (BITS == 4) {
-            const uint4 v = sfrag[slot * (SLOT_W / 16) + nt * (CW / 4) + lane];
+            const uint4 v = reinterpret_cast<const uint4*>(&s_w[warp][0][0][0])[slot * (SLOT_W / 16) + nt * (CW / 4) + lane];
             f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
           } else {
+            const uint32_t* sw = s_w[warp][slot][nt];
             const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
             f[nt].w[0] = v.x; f[nt].w[1] = v.y;
             if constexpr (BITS == 3) f[nt].w[2] = sw[64 + lane];
@@ -307,6 +298,8 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
   }
 
   // Epilogue. C fragment: acc[j] is (row n = tile*16 + g + 8*(j>>1), act row m = 2t + (j&1)).
+  // (Two explicit store loops on purpose: one shared lambda for both changes ptxas's register
+  // allocation of the whole kernel, main loop included.)
   T* out = reinterpret_cast<T*>(p.out);
   if (p.splits == 1) {
 #pragma unroll
@@ -467,6 +460,7 @@ cudaError_t launch_gemm_w(const GemmParams& p, cudaStream_t stream) {
 }
 
 // The warps-per-CTA choice (4, or 8 where gemm_wide_ok) for both the launch and the occupancy query.
+// The warps-per-CTA choice (4, or 8 where gemm_wide_ok) for both the launch and the occupancy query.
 template <int BITS, int MT, typename T>
 int occupancy_t(int warps) {
   if constexpr (gemm_wide_ok(MT)) {
@@ -483,46 +477,26 @@ cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
   return p.warps == kWarpsPerCta ? launch_gemm_w<BITS, MT, kWarpsPerCta, T>(p, stream) : cudaErrorInvalidValue;
 }
 
-template <int BITS, typename T>
-int occupancy_mt(int mt, int warps) {
-  switch (mt) {
-    case 1: return occupancy_t<BITS, 1, T>(warps);
-    case 2: return occupancy_t<BITS, 2, T>(warps);
-    case 4: return occupancy_t<BITS, 4, T>(warps);
-    case 8: return occupancy_t<BITS, 8, T>(warps);
-    default: return 0;
-  }
+// (bits, m_tiles) at run time -> the instantiation: f(integral_constant BITS, integral_constant MT).
+template <typename R, typename F>
+R with_bits_mt(int bits, int m_tiles, R fallback, F&& f) {
+  return with_int<2, 3, 4>(bits, fallback, [&](auto b) {
+    return with_int<1, 2, 4, 8>(m_tiles, fallback, [&](auto mt) { return f(b, mt); });
+  });
 }
 
 template <typename T>
-int occupancy_bits(int bits, int mt, int warps) {
-  switch (bits) {
-    case 2: return occupancy_mt<2, T>(mt, warps);
-    case 3: return occupancy_mt<3, T>(mt, warps);
-    case 4: return occupancy_mt<4, T>(mt, warps);
-    default: return 0;
-  }
-}
-
-template <int BITS, typename T>
-cudaError_t launch_gemm_mt(const GemmParams& p, cudaStream_t stream) {
-  switch (p.m_tiles) {
-    case 1: return launch_gemm_t<BITS, 1, T>(p, stream);
-    case 2: return launch_gemm_t<BITS, 2, T>(p, stream);
-    case 4: return launch_gemm_t<BITS, 4, T>(p, stream);
-    case 8: return launch_gemm_t<BITS, 8, T>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t launch_gemm_typed(const GemmParams& p, cudaStream_t stream) {
+  return with_bits_mt(p.bits, p.m_tiles, cudaErrorInvalidValue, [&](auto b, auto mt) {
+    return launch_gemm_t<decltype(b)::value, decltype(mt)::value, T>(p, stream);
+  });
 }
 
 template <typename T>
-cudaError_t launch_gemm_bits(const GemmParams& p, cudaStream_t stream) {
-  switch (p.bits) {
-    case 2: return launch_gemm_mt<2, T>(p, stream);
-    case 3: return launch_gemm_mt<3, T>(p, stream);
-    case 4: return launch_gemm_mt<4, T>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+int occupancy_typed(int bits, int m_tiles, int warps) {
+  return with_bits_mt(bits, m_tiles, 0, [&](auto b, auto mt) {
+    return occupancy_t<decltype(b)::value, decltype(mt)::value, T>(warps);
+  });
 }
 
 template <int BITS, typename TOut>
@@ -534,13 +508,9 @@ cudaError_t launch_dequant_t(const DequantParams& p, cudaStream_t stream) {
 }
 
 template <typename TOut>
-cudaError_t launch_dequant_bits(const DequantParams& p, cudaStream_t stream) {
-  switch (p.bits) {
-    case 2: return launch_dequant_t<2, TOut>(p, stream);
-    case 3: return launch_dequant_t<3, TOut>(p, stream);
-    case 4: return launch_dequant_t<4, TOut>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t launch_dequant_typed(const DequantParams& p, cudaStream_t stream) {
+  return with_int<2, 3, 4>(p.bits, cudaErrorInvalidValue,
+                           [&](auto b) { return launch_dequant_t<decltype(b)::value, TOut>(p, stream); });
 }
 
 }  // namespace
@@ -549,16 +519,16 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
   if (p.M <= 0 || p.N <= 0) return cudaSuccess;
   if (p.N % 16 || p.K % 32 || p.splits < 1 || p.chunks_per_split < 1) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kF16: return launch_gemm_bits<half>(p, stream);
-    case DType::kBF16: return launch_gemm_bits<__nv_bfloat16>(p, stream);
+    case DType::kF16: return launch_gemm_typed<half>(p, stream);
+    case DType::kBF16: return launch_gemm_typed<__nv_bfloat16>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
 int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps) {
   switch (dtype) {
-    case DType::kF16: return occupancy_bits<half>(bits, m_tiles, warps);
-    case DType::kBF16: return occupancy_bits<__nv_bfloat16>(bits, m_tiles, warps);
+    case DType::kF16: return occupancy_typed<half>(bits, m_tiles, warps);
+    case DType::kBF16: return occupancy_typed<__nv_bfloat16>(bits, m_tiles, warps);
     default: return 0;
   }
 }
@@ -567,9 +537,9 @@ cudaError_t launch_dequant(const DequantParams& p, cudaStream_t stream) {
   if (p.N <= 0 || p.K <= 0) return cudaSuccess;
   if (p.N % 16 || p.K % 32) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kF16: return launch_dequant_bits<half>(p, stream);
-    case DType::kBF16: return launch_dequant_bits<__nv_bfloat16>(p, stream);
-    case DType::kF32: return launch_dequant_bits<float>(p, stream);
+    case DType::kF16: return launch_dequant_typed<half>(p, stream);
+    case DType::kBF16: return launch_dequant_typed<__nv_bfloat16>(p, stream);
+    case DType::kF32: return launch_dequant_typed<float>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -22,6 +22,7 @@
 
 #include "flute_kernel.h"
 #include "flute_device.cuh"
+#include "flute_dispatch.h"
 
 namespace flute {
 namespace {
@@ -196,8 +197,7 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   }
 
   float acc[NACC];
-#pragma unroll
-  for (int i = 0; i < NACC; ++i) acc[i] = 0.f;
+  zero_fill(acc);
 
   constexpr int STAGES = Smem::kStages;
   constexpr int PD = STAGES - 2;  // prefetch distance (see the ring argument below)
@@ -331,31 +331,26 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
 
   // Epilogue. acc[4j + q]: weight row n = tile*16 + g + 8*(q>>1), activation row m = m0 + 8j + 2t + (q&1).
   const int t = lane & 3;
-  T* out = reinterpret_cast<T*>(p.out);
   const int n_lo = tile * 16 + g;
-  if (p.splits == 1) {
-    if (tile_ok) {
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int m = m0 + 8 * j + 2 * t + (q & 1);
-          if (m < p.M) out[(size_t)m * p.N + n_lo + 8 * (q >> 1)] = TypeOps<T>::from_float(acc[4 * j + q]);
-        }
-    }
-    return;
-  }
-  // Split-K: fp32 partials [split][M][N]; the last CTA of this (x, y) sums them in split order.
-  float* ws = p.workspace;
-  if (tile_ok) {
+  // for_each_out(put): put(m, n, v) for every valid output element of this warp.
+  auto for_each_out = [&](auto&& put) {
+    if (!tile_ok) return;
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int m = m0 + 8 * j + 2 * t + (q & 1);
-        if (m < p.M) ws[((size_t)split * p.M + m) * p.N + n_lo + 8 * (q >> 1)] = acc[4 * j + q];
+        if (m < p.M) put(m, n_lo + 8 * (q >> 1), acc[4 * j + q]);
       }
+  };
+  T* out = reinterpret_cast<T*>(p.out);
+  if (p.splits == 1) {
+    for_each_out([&](int m, int n, float v) { out[(size_t)m * p.N + n] = TypeOps<T>::from_float(v); });
+    return;
   }
+  // Split-K: fp32 partials [split][M][N]; the last CTA of this (x, y) sums them in split order.
+  float* ws = p.workspace;
+  for_each_out([&](int m, int n, float v) { ws[((size_t)split * p.M + m) * p.N + n] = v; });
   __threadfence();
   __syncthreads();
   __shared__ int s_last;
@@ -403,24 +398,13 @@ cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <int BITS, typename T>
-cudaError_t launch_wgmma_bn(const GemmParams& p, cudaStream_t stream) {
-  switch (p.m_tiles * 8) {
-    case 64: return launch_wgmma_t<BITS, 64, T>(p, stream);
-    case 128: return launch_wgmma_t<BITS, 128, T>(p, stream);
-    case 256: return launch_wgmma_t<BITS, 256, T>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 template <typename T>
-cudaError_t launch_wgmma_bits(const GemmParams& p, cudaStream_t stream) {
-  switch (p.bits) {
-    case 2: return launch_wgmma_bn<2, T>(p, stream);
-    case 3: return launch_wgmma_bn<3, T>(p, stream);
-    case 4: return launch_wgmma_bn<4, T>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t launch_wgmma_typed(const GemmParams& p, cudaStream_t stream) {
+  return with_int<2, 3, 4>(p.bits, cudaErrorInvalidValue, [&](auto b) {
+    return with_int<64, 128, 256>(p.m_tiles * 8, cudaErrorInvalidValue, [&](auto bn) {
+      return launch_wgmma_t<decltype(b)::value, decltype(bn)::value, T>(p, stream);
+    });
+  });
 }
 
 }  // namespace
@@ -451,8 +435,8 @@ cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream) {
   if (p.M <= 0 || p.N <= 0) return cudaSuccess;
   if (p.N % 16 || p.K % 32 || p.splits < 1 || p.chunks_per_split < 1) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kF16: return launch_wgmma_bits<half>(p, stream);
-    case DType::kBF16: return launch_wgmma_bits<__nv_bfloat16>(p, stream);
+    case DType::kF16: return launch_wgmma_typed<half>(p, stream);
+    case DType::kBF16: return launch_wgmma_typed<__nv_bfloat16>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
