@@ -7,6 +7,10 @@ M depends on the GPU. This times all of them (fp16, W4 g128, three Llama-3 shape
 CUDA graphs), takes the geo-mean over the shapes per M, and writes the thresholds to
 ``~/.cache/flute_vllm/configs/<gpu>.json`` (``$FLUTE_VLLM_CACHE``), which ``cuda_op.device_config``
 prefers over the configs shipped in ``configs/``. Split-K keeps its wave model (no tuning needed).
+
+It also times the LUT kernel's two CTA widths at M = 1 and 16 (4 warps, or 8 sharing one
+conflict-free pair table: ``cuda_op.warps_for``) over layers of growing N*K and writes the N*K
+from which the wide CTAs win (``lut_wide_cta_min_nk``; null when they never do).
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ import torch
 SHAPES = {"8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "70B-down": (8192, 28672)}
 MS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NEVER = 1 << 30
+# layers of growing N*K for the CTA-width crossover (8B o / qkv / down / gate_up, 70B down)
+WIDE_SHAPES = {"8B-o": (4096, 4096), "8B-qkv": (6144, 4096), "8B-down": (4096, 14336), "8B-gate_up": (28672, 4096),
+               "70B-down": (8192, 28672)}
+WIDE_MS = (1, 16)
 
 
 def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
@@ -52,6 +60,42 @@ def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
     return {"dequant_min_m": dequant_min_m, "tc_min_m": tc_min_m, "tc_max_m": tc_max_m}
 
 
+def choose_wide_min_nk(times: dict[int, tuple[float, float]]) -> Optional[int]:
+    """``lut_wide_cta_min_nk`` from ``times[n * k] = (µs with 4 warps, µs with 8 warps)``: the smallest
+    measured N*K from which the wide CTAs are faster at every larger measured N*K; None if never."""
+    min_nk = None
+    for nk in sorted(times, reverse=True):
+        narrow, wide = times[nk]
+        if wide >= narrow:
+            break
+        min_nk = nk
+    return min_nk
+
+
+def measure_wide(shapes: dict = WIDE_SHAPES, ms=WIDE_MS, group_size: int = 128,
+                 dtype: torch.dtype = torch.float16) -> dict[int, tuple[float, float]]:
+    """``{n * k: (µs 4 warps, µs 8 warps)}``: the LUT kernel's two CTA widths (4-bit), summed over ``ms``."""
+    from . import cuda_op
+    from .timing import Layer, time_graph
+
+    out = {}
+    for n, k in shapes.values():
+        layer = Layer(n, k, 4, group_size, dtype)
+        per = []
+        for warps in (cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA):
+            total = 0.0
+            for m in ms:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                total += time_graph([lambda c=c, w=warps: cuda_op.gemm(x, c[0], c[1], c[2], 4, group_size,
+                                                                        force_path="lut", warps=w)
+                                     for c in layer.copies], 50, replays=3)
+            per.append(total)
+        out[n * k] = (per[0], per[1])
+        del layer
+        torch.cuda.empty_cache()
+    return out
+
+
 def measure(shapes: dict = SHAPES, ms=MS, bits: int = 4, group_size: int = 128,
             dtype: torch.dtype = torch.float16) -> dict[str, dict[int, float]]:
     """Geo-mean µs per path and M over ``shapes`` on the current GPU."""
@@ -74,9 +118,11 @@ def measure(shapes: dict = SHAPES, ms=MS, bits: int = 4, group_size: int = 128,
     return {p: {m: statistics.geometric_mean(v) for m, v in d.items()} for p, d in per.items()}
 
 
-def config_for(gpu: str, times: dict[str, dict[int, float]]) -> dict:
-    """The config file content for ``gpu`` (exact device name) from measured times."""
-    return {
+def config_for(gpu: str, times: dict[str, dict[int, float]],
+               wide_times: Optional[dict[int, tuple[float, float]]] = None) -> dict:
+    """The config file content for ``gpu`` (exact device name) from measured times (path
+    crossovers; with ``wide_times`` also the CTA-width crossover)."""
+    cfg = {
         "name": f"{gpu} (autotuned {time.strftime('%Y-%m-%d')})",
         "match": [gpu],
         **choose_thresholds(times),
@@ -84,6 +130,10 @@ def config_for(gpu: str, times: dict[str, dict[int, float]]) -> dict:
         "notes": "Written by `python -m flute_vllm autotune` (fp16 W4 g128, geo-mean over "
                  + ", ".join(SHAPES) + "); other keys come from the shipped configs/ file for this GPU.",
     }
+    if wide_times is not None:
+        cfg["lut_wide_cta_min_nk"] = choose_wide_min_nk(wide_times)
+        cfg["measured_wide_us"] = {str(nk): [round(a, 2), round(b, 2)] for nk, (a, b) in sorted(wide_times.items())}
+    return cfg
 
 
 def write_config(cfg: dict, out: Optional[Path] = None) -> Path:
@@ -104,12 +154,13 @@ def autotune(out: Optional[Path] = None, quick: bool = False) -> Path:
     gpu = torch.cuda.get_device_name()
     shapes = {"8B-o": SHAPES["8B-o"]} if quick else SHAPES
     times = measure(shapes)
-    path = write_config(config_for(gpu, times), out)
+    wide_shapes = {s: WIDE_SHAPES[s] for s in ("8B-o", "8B-gate_up")} if quick else WIDE_SHAPES
+    path = write_config(config_for(gpu, times, measure_wide(wide_shapes)), out)
     from . import cuda_op
 
     cuda_op._all_configs.cache_clear()  # this process picks the new config up too
     cuda_op.device_config.cache_clear()
     cfg = json.loads(path.read_text())
     print(f"{gpu}: dequant_min_m={cfg['dequant_min_m']} tc_min_m={cfg['tc_min_m']} tc_max_m={cfg['tc_max_m']} "
-          f"({time.time() - t0:.0f}s) -> {path}")
+          f"lut_wide_cta_min_nk={cfg['lut_wide_cta_min_nk']} ({time.time() - t0:.0f}s) -> {path}")
     return path

@@ -29,6 +29,26 @@ def test_thresholds_from_times():
     assert autotune.choose_thresholds(t)["tc_min_m"] == autotune.NEVER
 
 
+def test_wide_cta_threshold_from_times():
+    # (4 warps, 8 warps) µs per N*K: wide wins from 58.7M up
+    t = {16777216: (9.1, 9.7), 25165824: (11.9, 12.2), 58720256: (19.5, 18.9), 117440512: (33.4, 29.0),
+         234881024: (55.2, 45.5)}
+    assert autotune.choose_wide_min_nk(t) == 58720256
+    # a win at a small size below a loss does not count: only the run reaching the largest size
+    t[16777216] = (9.7, 9.1)
+    t[117440512] = (29.0, 33.4)
+    assert autotune.choose_wide_min_nk(t) == 234881024
+    assert autotune.choose_wide_min_nk({1: (1.0, 2.0), 2: (1.0, 1.0)}) is None  # never (a tie is no win)
+    cfg = autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6), {1 << 26: (2.0, 1.0)})
+    assert cfg["lut_wide_cta_min_nk"] == 1 << 26 and cfg["measured_wide_us"] == {str(1 << 26): [2.0, 1.0]}
+    assert "lut_wide_cta_min_nk" not in autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6))
+    # null written by autotune overrides a shipped value (wide CTAs measured slower on this GPU)
+    merged = cuda_op.resolve_config("NVIDIA H200", [*cuda_op._all_configs(),
+                                                   {**autotune.config_for("NVIDIA H200", _times(lut=[10] * 6, dense=[30] * 6),
+                                                                          {1: (1.0, 2.0)}), "_file": "/abs/tuned.json"}])
+    assert merged["lut_wide_cta_min_nk"] is None
+
+
 def test_written_config_is_preferred_for_its_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUTE_VLLM_CACHE", str(tmp_path))
     t = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[20, 20, 22, 30, 45, 80])
