@@ -81,18 +81,19 @@ def worker(args) -> None:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             # a variant is only worth its time if it is right: vs dequantize + matmul (separate kernel)
             q, sc, tb = layer.copies[0]
-            got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, force_path=args.path).float()
+            kw = dict(force_path=args.path, warps=args.warps or None)
+            got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, **kw).float()
             w = cuda_op.dequantize_kernel_layout(q, sc, tb, args.bits, args.group_size, k).float()
             ref = x.float() @ w.T
             del w
             rel_err = ((got - ref).norm() / ref.norm()).item()
-            us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], args.bits, args.group_size,
-                                                      force_path=args.path) for c in layer.copies], 200)
+            us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], args.bits, args.group_size, **kw)
+                             for c in layer.copies], 200)
             cublas = time_graph([lambda w=w: F.linear(x, w) for w in dense], 200)
             print(json.dumps(dict(shape=name, N=n, K=k, M=m, us=round(us, 3), cublas_us=round(cublas, 3),
                                   rel_err=float(f"{rel_err:.2e}"),
                                   flags=flags, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                                  path=args.path)), flush=True)
+                                  path=args.path, warps=args.warps)), flush=True)
         del layer, dense
         torch.cuda.empty_cache()
 
@@ -106,6 +107,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--path", default="lut", choices=["lut", "tc", "dense"], help="kernel path to force")
+    ap.add_argument("--warps", type=int, default=0, choices=[0, 4, 8],
+                    help="LUT kernel CTA width for every variant (0: the op's choice, cuda_op.warps_for)")
     ap.add_argument("--out", default="", help="write all results as JSON here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -137,7 +140,7 @@ def main(argv=None) -> dict:
             failed.append(n)
     results: dict[str, list[dict]] = {}
     passthrough = ["--shapes", args.shapes, "--ms", args.ms, "--bits", str(args.bits), "--group-size",
-                   str(args.group_size), "--dtype", args.dtype, "--path", args.path]
+                   str(args.group_size), "--dtype", args.dtype, "--path", args.path, "--warps", str(args.warps)]
     for n, _ in variants:
         if n in failed:
             results[n] = []

@@ -177,6 +177,11 @@ __device__ __forceinline__ void decode(const Frag<BITS>& f, const ByteTable& tb,
   }
 }
 
+// The 16-bit value of table entry i (< 16) from the kernel-layout byte tables (words 0-7).
+__device__ __forceinline__ uint32_t table_u16(const uint32_t* tp, int i) {
+  return ((tp[i >> 2] >> (8 * (i & 3))) & 0xFF) | (((tp[4 + (i >> 2)] >> (8 * (i & 3))) & 0xFF) << 8);
+}
+
 // The 4-bit pair table (FLUTE's trick) in shared memory: entry e (two 4-bit indices) -> the 16-bit
 // pair (T[e & 15], T[e >> 4]) = one mma A register, stored COPIES times side by side (lane l reads
 // copy l % COPIES). 16 copies (16 KB): a warp's lookups have <= 2-way bank conflicts (lanes l and
@@ -207,12 +212,43 @@ __device__ __forceinline__ void decode_pair(uint32_t w, uint32_t pair_lane, uint
 template <int COPIES>
 __device__ __forceinline__ void build_pair_table(uint32_t* s_pair, const uint32_t* tp) {
   for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-    const int i0 = e & 15, i1 = e >> 4;
-    const uint32_t v0 = ((tp[i0 >> 2] >> (8 * (i0 & 3))) & 0xFF) | (((tp[4 + (i0 >> 2)] >> (8 * (i0 & 3))) & 0xFF) << 8);
-    const uint32_t v1 = ((tp[i1 >> 2] >> (8 * (i1 & 3))) & 0xFF) | (((tp[4 + (i1 >> 2)] >> (8 * (i1 & 3))) & 0xFF) << 8);
-    const uint4 v = make_uint4(v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16), v0 | (v1 << 16));
+    const uint32_t pair = table_u16(tp, e & 15) | (table_u16(tp, e >> 4) << 16);
+    const uint4 v = make_uint4(pair, pair, pair, pair);
 #pragma unroll
     for (int q = 0; q < COPIES / 4; ++q) reinterpret_cast<uint4*>(s_pair + e * COPIES)[q] = v;
+  }
+}
+
+// The 2-bit quad table (an experiment, FLUTE_LUT_W2_QUAD_STEPS in flute_gemm.cu): in the 2-bit
+// layout, byte j of a step's 16-bit half holds elements (j, j+4 | j+1, j+5) at bits (0-1, 2-3 |
+// 4-5, 6-7) for j = 0, 2, ... i.e. byte 0 = (e0, e4, e1, e5) -> a[0] = (e0, e1), a[2] = (e4, e5) and
+// byte 1 = (e2, e6, e3, e7) -> a[1], a[3]. Entry v -> {a_lo, a_hi} as 8 bytes, so one 64-bit
+// shared load decodes 4 weights into 2 A registers. 16 copies (copy = lane & 15, 32 KB): a
+// half-warp's 8-byte lookups are conflict-free.
+struct QuadTable {
+  static constexpr int kCopies = 16;
+  static constexpr int kBytes = 256 * kCopies * 8;
+  static constexpr uint32_t kEntryBytes = 8 * kCopies;
+  __device__ static uint32_t lane_offset(int lane) { return 8u * (uint32_t)(lane & (kCopies - 1)); }
+};
+
+__device__ __forceinline__ void build_quad_table(uint32_t* s_quad, const uint32_t* tp) {
+  for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+    const uint32_t lo = table_u16(tp, e & 3) | (table_u16(tp, (e >> 4) & 3) << 16);         // (e0, e1)
+    const uint32_t hi = table_u16(tp, (e >> 2) & 3) | (table_u16(tp, (e >> 6) & 3) << 16);  // (e4, e5)
+    const uint4 v = make_uint4(lo, hi, lo, hi);
+#pragma unroll
+    for (int q = 0; q < QuadTable::kCopies / 2; ++q) reinterpret_cast<uint4*>(s_quad + e * 2 * QuadTable::kCopies)[q] = v;
+  }
+}
+
+// 2-bit decode of k-step S through the quad table: w = the lane's word of steps 2(S>>1), 2(S>>1)+1.
+template <int S>
+__device__ __forceinline__ void decode_quad(uint32_t w, uint32_t quad_lane, uint32_t a[4]) {
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const uint32_t idx = prmt(w, 0u, 0x4440u | (2 * (S & 1) + j));
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(a[j]), "=r"(a[j + 2]) : "r"(idx * QuadTable::kEntryBytes + quad_lane));
   }
 }
 

@@ -36,6 +36,9 @@
 #ifndef FLUTE_LUT_HOLD_ADDR
 #define FLUTE_LUT_HOLD_ADDR 1  // MT <= 2: ring addresses held in registers (v8)
 #endif
+#ifndef FLUTE_LUT_W2_QUAD_STEPS
+#define FLUTE_LUT_W2_QUAD_STEPS 0  // experiment: bit s set = 2-bit k-step s decodes through the shared quad table
+#endif
 #ifndef FLUTE_LUT_MT1_MIN_BLOCKS
 #define FLUTE_LUT_MT1_MIN_BLOCKS 5  // MT = 1 resident CTAs per SM asked of ptxas (5: a 96-register cap; 8: 64)
 #endif
@@ -56,6 +59,10 @@ template <int MT, int W> struct MinBlocks {
   static constexpr int value = W == 8 ? (MT == 1 ? 3 : 2)
                                       : MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
 };
+// Kernels that decode (some) k-steps through a table in shared memory: 4-bit (pair table) and,
+// as an experiment, 2-bit (quad table).
+template <int BITS> constexpr bool kSmemTable = BITS == 4 || (BITS == 2 && FLUTE_LUT_W2_QUAD_STEPS != 0);
+
 // Pair-table copies: a 4-warp CTA keeps 16 (16 KB, <= 2-way bank conflicts) to keep its occupancy;
 // an 8-warp CTA shares 32 conflict-free copies (32 KB) among twice the warps.
 template <int W> using LutPairTable = PairTable<W == 8 ? 32 : 16>;
@@ -64,6 +71,7 @@ template <int BITS, int MT, int NT, int W, typename T>
 __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_kernel(const GemmParams p) {
   using Ops = TypeOps<T>;
   using Pair = LutPairTable<W>;
+  constexpr bool SMEM_TABLE = kSmemTable<BITS>;
   constexpr int STAGES = FLUTE_LUT_STAGES;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -96,7 +104,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
   __shared__ __align__(16) T s_sc[W][STAGES][NT][2][16];
 
   const int cta_tile0 = min((int)blockIdx.x * W * NT, ntiles - 1);
-  extern __shared__ __align__(16) uint32_t s_pair[];  // Pair (LutPairTable) when BITS == 4 (built below)
+  extern __shared__ __align__(16) uint32_t s_pair[];  // 4-bit: Pair (LutPairTable); 2-bit: QuadTable (built below)
   const bool warp_work = warp_active && cb < ce;
   {
     ByteTable tb[NT];
@@ -109,11 +117,11 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
       tb[nt].hi[0] = h.x; tb[nt].hi[1] = h.y; tb[nt].hi[2] = h.z; tb[nt].hi[3] = h.w;
     }
     bool use_pair[NT];
-    const uint32_t pair_lane = smem_addr(s_pair) + Pair::lane_offset(lane);
+    const uint32_t pair_lane = smem_addr(s_pair) + (BITS == 4 ? Pair::lane_offset(lane) : QuadTable::lane_offset(lane));
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       use_pair[nt] = false;
-      if constexpr (BITS == 4) {
+      if constexpr (SMEM_TABLE) {
         const uint4* tp0 = reinterpret_cast<const uint4*>(p.tables + (size_t)cta_tile0 * kTableWords);
         const uint4 l = __ldg(tp0), h = __ldg(tp0 + 1);
         use_pair[nt] = l.x == tb[nt].lo[0] && l.y == tb[nt].lo[1] && l.z == tb[nt].lo[2] && l.w == tb[nt].lo[3] &&
@@ -209,6 +217,9 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     if constexpr (BITS == 4) {
       build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
+    } else if constexpr (SMEM_TABLE) {
+      build_quad_table(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
+      __syncthreads();
     }
 
     // The chunk loop, compiled twice for 4-bit (pair-table decode or not, chosen once per warp) so
@@ -251,9 +262,11 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
   {                                                                                             \
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
-      if constexpr (PAIR) {                                                                     \
+      if constexpr (PAIR && BITS == 4) {                                                        \
         if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
         else decode_pair<S, Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, a);                \
+      } else if constexpr (PAIR && BITS == 2 && ((FLUTE_LUT_W2_QUAD_STEPS >> S) & 1)) {         \
+        decode_quad<S>(f[nt].w[S >> 1], pair_lane, a);                                          \
       } else {                                                                                  \
         decode<BITS, S>(f[nt], tb[nt], a);                                                      \
       }                                                                                         \
@@ -287,7 +300,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
       bool pair_all = true;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) pair_all = pair_all && use_pair[nt];
-      if constexpr (BITS == 4) {
+      if constexpr (SMEM_TABLE) {
         if (pair_all) chunk_loop(std::true_type{});
         else chunk_loop(std::false_type{});
       } else {
@@ -428,7 +441,9 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
   }
 }
 
-template <int BITS, int W> constexpr int pair_smem_bytes() { return BITS == 4 ? LutPairTable<W>::kBytes : 0; }
+template <int BITS, int W> constexpr int pair_smem_bytes() {
+  return BITS == 4 ? LutPairTable<W>::kBytes : kSmemTable<BITS> ? QuadTable::kBytes : 0;
+}
 
 // Opt in to > 48 KB of shared memory (static ring + dynamic pair table); done once per kernel.
 template <int BITS, int MT, int NT, int W, typename T>

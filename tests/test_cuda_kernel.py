@@ -67,9 +67,33 @@ def _decode(bits, f, s, lo_t, hi_t):
     return a
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+def _table_u16(tw, i):
+    """kernels/flute_device.cuh table_u16: the 16-bit value of entry i from the byte tables."""
+    return ((tw[i >> 2] >> (8 * (i & 3))) & 0xFF) | (((tw[4 + (i >> 2)] >> (8 * (i & 3))) & 0xFF) << 8)
+
+
+def _decode_table(bits, f, s, tw):
+    """Python copy of the shared-memory table decodes: decode_pair<S> over build_pair_table (4-bit)
+    and decode_quad<S> over build_quad_table (2-bit)."""
+    a = [0] * 4
+    if bits == 4:
+        for j in range(4):
+            e = (f[s] >> (8 * j)) & 0xFF  # prmt(w, 0, 0x4440 | j)
+            a[j] = _table_u16(tw, e & 15) | (_table_u16(tw, e >> 4) << 16)
+    else:
+        w = f[s >> 1]
+        for j in range(2):
+            e = (w >> (8 * (2 * (s & 1) + j))) & 0xFF
+            a[j] = _table_u16(tw, e & 3) | (_table_u16(tw, (e >> 4) & 3) << 16)
+            a[j + 2] = _table_u16(tw, (e >> 2) & 3) | (_table_u16(tw, (e >> 6) & 3) << 16)
+    return a
+
+
+@pytest.mark.parametrize("bits,decoder", [(2, "permute"), (3, "permute"), (4, "permute"), (4, "table"), (2, "table")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kernel_layout_decodes_to_table_values(bits, dtype):
+def test_kernel_layout_decodes_to_table_values(bits, decoder, dtype):
+    """Every decode of the kernels, emulated in Python on the kernel layout, gives table[q]: the
+    register byte-permute decode (all bits), the 4-bit pair table and the 2-bit quad table."""
     g = torch.Generator().manual_seed(bits)
     n, k = 32, 96  # K % 64 == 32 exercises the padded half chunk
     q = torch.randint(0, 2**bits, (n, k), generator=g)
@@ -88,7 +112,7 @@ def test_kernel_layout_decodes_to_table_values(bits, dtype):
                 else:
                     f = cw[2 * lane : 2 * lane + 2] + ([cw[64 + lane]] if bits == 3 else [])
                 for s in range(4):
-                    a = _decode(bits, f, s, tw[0:4], tw[4:8])
+                    a = _decode(bits, f, s, tw[0:4], tw[4:8]) if decoder == "permute" else _decode_table(bits, f, s, tw)
                     for i in range(8):
                         row = 16 * tile + gg + 8 * ((i >> 1) & 1)
                         kk = 2 * (i >> 2) + (i & 1)
@@ -432,7 +456,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     # the shipped build of every .cu for sm_90a + sm_80, and flute_gemm.cu with the experiment knobs
     # (benchmarks/ab_kernel.py) away from their defaults for sm_90a, so a knob cannot rot unbuilt
     knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_MIN_MT=1", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=8",
-             "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7"]
+             "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7",
+             "-DFLUTE_LUT_W2_QUAD_STEPS=5"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
