@@ -81,7 +81,8 @@ def worker(args) -> None:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             # a variant is only worth its time if it is right: vs dequantize + matmul (separate kernel)
             q, sc, tb = layer.copies[0]
-            kw = dict(force_path=args.path, warps=args.warps or None)
+            kw = dict(force_path=args.path, warps=args.warps or None,
+                      slab_bytes=None if args.slab_bytes < 0 else args.slab_bytes)
             got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, **kw).float()
             w = cuda_op.dequantize_kernel_layout(q, sc, tb, args.bits, args.group_size, k).float()
             ref = x.float() @ w.T
@@ -93,7 +94,7 @@ def worker(args) -> None:
             print(json.dumps(dict(shape=name, N=n, K=k, M=m, us=round(us, 3), cublas_us=round(cublas, 3),
                                   rel_err=float(f"{rel_err:.2e}"),
                                   flags=flags, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                                  path=args.path, warps=args.warps)), flush=True)
+                                  path=args.path, warps=args.warps, slab_bytes=args.slab_bytes)), flush=True)
         del layer, dense
         torch.cuda.empty_cache()
 
@@ -109,6 +110,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--path", default="lut", choices=["lut", "tc", "dense"], help="kernel path to force")
     ap.add_argument("--warps", type=int, default=0, choices=[0, 4, 8],
                     help="LUT kernel CTA width for every variant (0: the op's choice, cuda_op.warps_for)")
+    ap.add_argument("--slab-bytes", type=int, default=-1,
+                    help="dense path: dequantize by row slabs of at most this many bytes (0: whole matrix; "
+                         "-1: the config's dense_slab_bytes)")
     ap.add_argument("--out", default="", help="write all results as JSON here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -140,7 +144,8 @@ def main(argv=None) -> dict:
             failed.append(n)
     results: dict[str, list[dict]] = {}
     passthrough = ["--shapes", args.shapes, "--ms", args.ms, "--bits", str(args.bits), "--group-size",
-                   str(args.group_size), "--dtype", args.dtype, "--path", args.path, "--warps", str(args.warps)]
+                   str(args.group_size), "--dtype", args.dtype, "--path", args.path, "--warps", str(args.warps),
+                   "--slab-bytes", str(args.slab_bytes)]
     for n, _ in variants:
         if n in failed:
             results[n] = []

@@ -442,6 +442,35 @@ def dequantize_kernel_layout(qweight, scales, tables, bits, group_size, k, dtype
     return w
 
 
+def row_slabs(n: int, k: int, slab_bytes: Optional[int], elem_bytes: int = 2) -> list[tuple[int, int]]:
+    """Row ranges ``[n0, n1)`` (multiples of 16) of the dense path: each slab's dequantized weights
+    take at most ``slab_bytes`` (at least one 16-row tile); one range when ``slab_bytes`` is 0/None
+    or the whole matrix fits. Slabs bound the dense path's scratch (N*K*2 bytes otherwise: 940 MB
+    for a 70B gate_up) and can keep the dequantized slab in L2 for cuBLAS."""
+    if not slab_bytes or n * k * elem_bytes <= slab_bytes:
+        return [(0, n)]
+    rows = max(TILE_N, slab_bytes // (elem_bytes * k) // TILE_N * TILE_N)
+    return [(r, min(n, r + rows)) for r in range(0, n, rows)]
+
+
+def dense_gemm(x, qweight, scales, tables, bits, group_size, k, slab_bytes: Optional[int] = None) -> torch.Tensor:
+    """Dequantize + cuBLAS, by row slabs (:func:`row_slabs`) into one reused scratch buffer: each
+    slab is dequantized, then multiplied into its columns of the output (stream-ordered, so the
+    next slab's dequantize waits for the previous matmul; graph-safe)."""
+    m, n = x.shape[0], scales.shape[0]
+    slabs = row_slabs(n, k, slab_bytes, scales.element_size())
+    if len(slabs) == 1:
+        return torch.nn.functional.linear(x, dequantize_kernel_layout(qweight, scales, tables, bits, group_size, k))
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    buf = torch.empty(slabs[0][1] - slabs[0][0], k, dtype=scales.dtype, device=x.device)
+    scales = scales.contiguous()
+    for n0, n1 in slabs:
+        w = buf[: n1 - n0]
+        _ext().dequant(qweight[n0:n1], scales[n0:n1], tables[n0 // TILE_N : n1 // TILE_N], w, bits, group_size)
+        torch.mm(x, w.t(), out=out[:, n0:n1])  # a strided output column block: cuBLAS writes it in place
+    return out
+
+
 def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, nk: Optional[int] = None) -> str:
     """``lut`` (mma.sync decode kernel), ``tc`` (sm_90a wgmma kernel) or ``dense`` (dequantize + cuBLAS).
 
@@ -465,7 +494,7 @@ def _split_buffers(splits: int, partial_floats: int, device) -> tuple[torch.Tens
 
 
 def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None,
-         warps=None):
+         warps=None, slab_bytes=None):
     """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
     m, k = x.shape
     n = scales.shape[0]
@@ -487,8 +516,8 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
                           pl["splits"], pl["chunks_per_split"], pl["block_m"])
         return out
     if path == "dense":
-        w = dequantize_kernel_layout(qweight, scales, tables, bits, group_size, k)
-        return torch.nn.functional.linear(x, w)
+        return dense_gemm(x, qweight, scales, tables, bits, group_size, k,
+                          cfg.get("dense_slab_bytes") if slab_bytes is None else slab_bytes)
     if not x.is_contiguous():
         x = x.contiguous()
     if x.data_ptr() % 16:

@@ -253,7 +253,8 @@ def test_randomized_sweep():
         if c["path"] == "op":
             out = torch.ops.flute_vllm.lut_gemm(x, qk, sk, tk, ends, c["bits"], c["g"])
         elif c["path"] == "dense":
-            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="dense")
+            slab_bytes = rng.choice([0, 16 * 2 * c["k"] * rng.randint(1, 8)])  # whole matrix, or row slabs
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="dense", slab_bytes=slab_bytes)
         elif c["path"].startswith("tc"):
             splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "tc_split" else None
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", splits=splits, block_m=c["block_m"])
@@ -479,3 +480,40 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
                          r"(\d+) bytes spill stores", log)
     assert len(entries) == 18, log[-2000:]  # bits 2/3/4 x BN 64/128/256 x fp16/bf16
     assert all(stores == "0" for _, _, stores in entries), entries
+
+
+def test_dense_path_row_slabs_cpu(monkeypatch):
+    """row_slabs covers N exactly in 16-row multiples within the byte budget; dense_gemm dequantizes
+    each slab from the right rows of qweight / scales / tables into one reused buffer and writes its
+    output columns (checked with a stand-in dequantize that encodes each weight's row and column)."""
+    assert cuda_op.row_slabs(4096, 4096, 0) == [(0, 4096)]
+    assert cuda_op.row_slabs(4096, 4096, None) == [(0, 4096)]
+    assert cuda_op.row_slabs(4096, 4096, 4096 * 4096 * 2) == [(0, 4096)]
+    slabs = cuda_op.row_slabs(1008, 512, 300 * 512 * 2)
+    assert slabs == [(0, 288), (288, 576), (576, 864), (864, 1008)]
+    assert cuda_op.row_slabs(64, 1 << 20, 1) == [(0, 16), (16, 32), (32, 48), (48, 64)]  # at least one tile
+
+    n, k, bits, g = 80, 128, 4, 64
+    qweight = torch.zeros(n, k * bits // 32, dtype=torch.int32)
+    scales = torch.zeros(n, k // g, dtype=torch.float32)
+    tables = torch.zeros(n // 16, 24, dtype=torch.int32)
+    calls = []
+
+    def weight(rows):  # the stand-in dense weight: a function of (row, column)
+        return rows.unsqueeze(1).float() * 1000 + torch.arange(k).float()
+
+    class FakeExt:
+        def dequant(self, q, s, t, w, b, gs):
+            r0 = (q.data_ptr() - qweight.data_ptr()) // (qweight.stride(0) * 4)
+            assert (s.data_ptr() - scales.data_ptr()) // (scales.stride(0) * 4) == r0
+            assert (t.data_ptr() - tables.data_ptr()) // (tables.stride(0) * 4) == r0 // 16
+            assert q.shape[0] == s.shape[0] == 16 * t.shape[0] == w.shape[0] and (b, gs) == (bits, g)
+            calls.append((r0, w.shape[0], w.data_ptr()))
+            w.copy_(weight(torch.arange(r0, r0 + w.shape[0])))
+
+    monkeypatch.setattr(cuda_op, "_ext", lambda: FakeExt())
+    x = torch.randn(5, k)
+    out = cuda_op.dense_gemm(x, qweight, scales, tables, bits, g, k, slab_bytes=32 * k * 4)
+    assert [(r0, rows) for r0, rows, _ in calls] == [(0, 32), (32, 32), (64, 16)]
+    assert len({ptr for *_, ptr in calls}) == 1  # one scratch buffer, reused
+    torch.testing.assert_close(out, x @ weight(torch.arange(n)).T)
