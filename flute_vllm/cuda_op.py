@@ -244,8 +244,8 @@ def match_config(name: str, configs: list[dict]) -> dict:
 def resolve_config(name: str, configs: list[dict]) -> dict:
     """The knobs for device ``name``: ``default.json``, overlaid by the shipped file matching the
     device, overlaid by an autotuned file from the user config dir (which measures the path
-    thresholds and the LUT kernel's CTA width, so the shipped per-GPU knobs it does not measure stay). User files are the ones
-    :func:`_all_configs` names by absolute path."""
+    thresholds and the LUT kernel's CTA width, so the shipped per-GPU knobs it does not measure
+    stay). User files are the ones :func:`_all_configs` names by absolute path."""
     shipped = [c for c in configs if not os.path.isabs(c.get("_file", ""))]
     user = [c for c in configs if os.path.isabs(c.get("_file", ""))]
     layers = [_default_config(shipped)]
