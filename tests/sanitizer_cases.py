@@ -2,8 +2,9 @@
 
     compute-sanitizer --tool memcheck python3 tests/sanitizer_cases.py
 
-Every path (mma.sync LUT kernel with and without split-K, sm_90a wgmma kernel with split-K and each
-block_m where available, dequantize) on small ragged shapes (K % 64 == 32, N not a multiple of
+Every path (mma.sync LUT kernel with and without split-K, in 4- and (M <= 16) 8-warp CTAs; sm_90a
+wgmma kernel with split-K and each block_m where available; dequantize, whole and by row slabs) on
+small ragged shapes (K % 64 == 32, N not a multiple of
 the CTA's rows, odd M), each checked against the float32 reference.
 """
 import torch
@@ -25,7 +26,10 @@ for bits in (2, 3, 4):
     for m in (1, 37, 130):
         x = torch.randn(m, k, device=dev).half()
         ref = x.float() @ w.T
-        runs = [dict(force_path="lut"), dict(force_path="lut", splits=3), dict(force_path="dense")]
+        runs = [dict(force_path="lut"), dict(force_path="lut", splits=3), dict(force_path="dense"),
+                dict(force_path="dense", slab_bytes=64 * k * 2)]
+        if cuda_op.m_tiles_for(m) <= 2:
+            runs += [dict(force_path="lut", warps=8), dict(force_path="lut", warps=8, splits=3)]
         if cuda_op.tc_available(0):
             runs += [dict(force_path="tc", block_m=b, splits=s) for b in (64, 128, 256) for s in (1, 4)]
         for kw in runs:
