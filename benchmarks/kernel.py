@@ -214,10 +214,7 @@ def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16
         layer = Layer(n, k, bits, g, dtype)
         for m in ms:
             x = torch.randn(m, k, device="cuda").to(dtype)
-            mt = cuda_op.m_tiles_for(m)
-            w = cuda_op.warps_for(bits, mt, n, k, cfg)
-            res = cuda_op._ctas_per_sm(bits, mt, str(dtype).split(".")[-1], 0, w)
-            auto = cuda_op.plan(m, n, k, cfg, resident=res, warps=w, bits=bits)["splits"]
+            auto = cuda_op.device_plan(m, n, k, bits, dtype, 0, cfg)["splits"]
             cells = []
             for sp in splits + (None,):
                 us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", splits=sp)

@@ -72,50 +72,37 @@ def choose_wide_min_nk(times: dict[int, tuple[float, float]]) -> Optional[int]:
     return min_nk
 
 
-def measure_wide(shapes: dict = WIDE_SHAPES, ms=WIDE_MS, group_size: int = 128,
-                 dtype: torch.dtype = torch.float16) -> dict[int, tuple[float, float]]:
-    """``{n * k: (µs 4 warps, µs 8 warps)}``: the LUT kernel's two CTA widths (4-bit), summed over ``ms``."""
-    from . import cuda_op
-    from .timing import Layer, time_graph
-
-    out = {}
-    for n, k in shapes.values():
-        layer = Layer(n, k, 4, group_size, dtype)
-        per = []
-        for warps in (cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA):
-            total = 0.0
-            for m in ms:
-                x = torch.randn(m, k, device="cuda", dtype=dtype)
-                total += time_graph([lambda c=c, w=warps: cuda_op.gemm(x, c[0], c[1], c[2], 4, group_size,
-                                                                        force_path="lut", warps=w)
-                                     for c in layer.copies], 50, replays=3)
-            per.append(total)
-        out[n * k] = (per[0], per[1])
-        del layer
-        torch.cuda.empty_cache()
-    return out
-
-
-def measure(shapes: dict = SHAPES, ms=MS, bits: int = 4, group_size: int = 128,
-            dtype: torch.dtype = torch.float16) -> dict[str, dict[int, float]]:
-    """Geo-mean µs per path and M over ``shapes`` on the current GPU."""
+def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_ms=WIDE_MS, group_size: int = 128,
+            dtype: torch.dtype = torch.float16) -> tuple[dict[str, dict[int, float]], dict[int, tuple[float, float]]]:
+    """On the current GPU, 4-bit: geo-mean µs per path and M over ``shapes``, and ``{n * k: (µs 4
+    warps, µs 8 warps)}`` of the LUT kernel summed over ``wide_ms`` for each of ``wide_shapes``. Each
+    layer is built once, for both measurements."""
     from . import cuda_op
     from .timing import Layer, time_graph
 
     dev = torch.cuda.current_device()
     paths = ["lut", "dense"] + (["tc"] if cuda_op.tc_available(dev) else [])
     per: dict[str, dict[int, list[float]]] = {p: {m: [] for m in ms} for p in paths}
-    for n, k in shapes.values():
-        layer = Layer(n, k, bits, group_size, dtype)
-        for m in ms:
+    wide: dict[int, tuple[float, float]] = {}
+    for name, (n, k) in {**shapes, **wide_shapes}.items():
+        layer = Layer(n, k, 4, group_size, dtype)
+
+        def timed(m, **kw):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            for p in paths:
-                per[p][m].append(time_graph(
-                    [lambda c=c, p=p: cuda_op.gemm(x, c[0], c[1], c[2], bits, group_size, force_path=p)
-                     for c in layer.copies], 50, replays=3))
+            return time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], 4, group_size, **kw)
+                               for c in layer.copies], 50, replays=3)
+
+        if name in shapes:
+            for m in ms:
+                for p in paths:
+                    per[p][m].append(timed(m, force_path=p))
+        if name in wide_shapes:
+            narrow_us, wide_us = (sum(timed(m, force_path="lut", warps=w) for m in wide_ms)
+                                  for w in (cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA))
+            wide[n * k] = (narrow_us, wide_us)
         del layer
         torch.cuda.empty_cache()
-    return {p: {m: statistics.geometric_mean(v) for m, v in d.items()} for p, d in per.items()}
+    return {p: {m: statistics.geometric_mean(v) for m, v in d.items()} for p, d in per.items()}, wide
 
 
 def config_for(gpu: str, times: dict[str, dict[int, float]],
@@ -153,9 +140,9 @@ def autotune(out: Optional[Path] = None, quick: bool = False) -> Path:
     t0 = time.time()
     gpu = torch.cuda.get_device_name()
     shapes = {"8B-o": SHAPES["8B-o"]} if quick else SHAPES
-    times = measure(shapes)
     wide_shapes = {s: WIDE_SHAPES[s] for s in ("8B-o", "8B-gate_up")} if quick else WIDE_SHAPES
-    path = write_config(config_for(gpu, times, measure_wide(wide_shapes)), out)
+    times, wide_times = measure(shapes, wide_shapes)
+    path = write_config(config_for(gpu, times, wide_times), out)
     from . import cuda_op
 
     cuda_op._all_configs.cache_clear()  # this process picks the new config up too

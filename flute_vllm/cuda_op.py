@@ -346,6 +346,16 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
             "m_chunks": m_chunks}
 
 
+def device_plan(m: int, n: int, k: int, bits: int, dtype: torch.dtype, device_index: int, cfg: dict,
+                m_tiles: Optional[int] = None, splits: Optional[int] = None, warps: Optional[int] = None) -> dict:
+    """:func:`plan` on this device: m_tiles and warps chosen (unless given), with the resident CTAs
+    per SM of the kernel they select."""
+    mt = m_tiles or m_tiles_for(m)
+    w = warps or warps_for(bits, mt, n, k, cfg)
+    resident = _ctas_per_sm(bits, mt, str(dtype).split(".")[-1], device_index, w)
+    return plan(m, n, k, cfg, mt, splits, resident, w, bits)
+
+
 @lru_cache(maxsize=None)
 def tc_available(device_index: int) -> bool:
     """Whether the tensor-core (sm_90a wgmma) path runs on this device. Probed once, synchronously."""
@@ -522,10 +532,7 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
-    mt = m_tiles or m_tiles_for(m)
-    w = warps or warps_for(bits, mt, n, k, cfg)
-    resident = _ctas_per_sm(bits, mt, str(x.dtype).split(".")[-1], dev_index, w)
-    pl = plan(m, n, k, cfg, mt, splits, resident, w, bits)
+    pl = device_plan(m, n, k, bits, x.dtype, dev_index, cfg, m_tiles, splits, warps)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counters = _split_buffers(pl["splits"], pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, x.device)
     _ext().gemm(x, qweight, scales, tables, out, ws, counters, bits, group_size,

@@ -53,10 +53,11 @@ static_assert((FLUTE_LUT_STAGES & (FLUTE_LUT_STAGES - 1)) == 0 && FLUTE_LUT_STAG
 namespace flute {
 namespace {
 
-// Resident CTAs per SM asked of ptxas (register cap): MT=1 fits 8 in 64 registers, MT=8 needs <= 170.
-// 8-warp CTAs: 3 (MT = 1, 80 registers) and 2 (MT = 2, 128 registers) resident per SM.
+// Resident CTAs per SM asked of ptxas (register cap): 4-warp CTAs from the knobs above (MT = 1: 96
+// registers, MT = 2: 128), MT >= 4: 3 (<= 170 registers); 8-warp CTAs: 3 (MT = 1, 80 registers) and
+// 2 (MT = 2, 128 registers).
 template <int MT, int W> struct MinBlocks {
-  static constexpr int value = W == 8 ? (MT == 1 ? 3 : 2)
+  static constexpr int value = W == kWideWarpsPerCta ? (MT == 1 ? 3 : 2)
                                       : MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
 };
 // Kernels that decode (some) k-steps through a table in shared memory: 4-bit (pair table) and,
@@ -65,7 +66,7 @@ template <int BITS> constexpr bool kSmemTable = BITS == 4 || (BITS == 2 && FLUTE
 
 // Pair-table copies: a 4-warp CTA keeps 16 (16 KB, <= 2-way bank conflicts) to keep its occupancy;
 // an 8-warp CTA shares 32 conflict-free copies (32 KB) among twice the warps.
-template <int W> using LutPairTable = PairTable<W == 8 ? 32 : 16>;
+template <int W> using LutPairTable = PairTable<W == kWideWarpsPerCta ? 32 : 16>;
 
 template <int BITS, int MT, int NT, int W, typename T>
 __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_kernel(const GemmParams p) {
@@ -212,8 +213,9 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     }
     // The pair table is built while the prologue's copies are in flight (all threads, one barrier).
     // 4-bit: FLUTE-style pair table in shared memory (LutPairTable, see PairTable): entry e (two
-    // 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register. Built from the table of the CTA's first tile; warps whose tile uses another table (a shard
-    // boundary inside the CTA) decode with byte permutes instead.
+    // 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register. Built from the
+    // table of the CTA's first tile; warps whose tile uses another table (a shard boundary inside
+    // the CTA) decode with byte permutes instead. (2-bit experiment: the quad table, likewise.)
     if constexpr (BITS == 4) {
       build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
@@ -474,22 +476,24 @@ cudaError_t launch_gemm_w(const GemmParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The warps-per-CTA choice (4, or 8 where gemm_wide_ok) for both the launch and the occupancy query.
-// The warps-per-CTA choice (4, or 8 where gemm_wide_ok) for both the launch and the occupancy query.
+// warps at run time -> f(integral_constant W): kWarpsPerCta, or kWideWarpsPerCta where
+// gemm_wide_ok(MT) (only those are instantiated); fallback otherwise. For the launch and the
+// occupancy query alike.
+template <int MT, typename R, typename F>
+R with_warps(int warps, R fallback, F&& f) {
+  if constexpr (gemm_wide_ok(MT)) return with_int<kWarpsPerCta, kWideWarpsPerCta>(warps, fallback, f);
+  else return with_int<kWarpsPerCta>(warps, fallback, f);
+}
+
 template <int BITS, int MT, typename T>
 int occupancy_t(int warps) {
-  if constexpr (gemm_wide_ok(MT)) {
-    if (warps == 8) return occupancy_w<BITS, MT, 8, T>();
-  }
-  return warps == kWarpsPerCta ? occupancy_w<BITS, MT, kWarpsPerCta, T>() : 0;
+  return with_warps<MT>(warps, 0, [&](auto w) { return occupancy_w<BITS, MT, decltype(w)::value, T>(); });
 }
 
 template <int BITS, int MT, typename T>
 cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
-  if constexpr (gemm_wide_ok(MT)) {
-    if (p.warps == 8) return launch_gemm_w<BITS, MT, 8, T>(p, stream);
-  }
-  return p.warps == kWarpsPerCta ? launch_gemm_w<BITS, MT, kWarpsPerCta, T>(p, stream) : cudaErrorInvalidValue;
+  return with_warps<MT>(p.warps, cudaErrorInvalidValue,
+                        [&](auto w) { return launch_gemm_w<BITS, MT, decltype(w)::value, T>(p, stream); });
 }
 
 // (bits, m_tiles) at run time -> the instantiation: f(integral_constant BITS, integral_constant MT).

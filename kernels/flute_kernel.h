@@ -20,6 +20,7 @@ enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
 constexpr int kTableWords = 24;
 constexpr int kWarpsPerCta = 4;
+constexpr int kWideWarpsPerCta = 8;  // the mma.sync kernel's wide CTAs (m_tiles <= 2, gemm_wide_ok)
 
 struct GemmParams {
   const void* x;             // [M, K] act dtype (fp16 / bf16)
@@ -35,13 +36,13 @@ struct GemmParams {
   int splits;                // CTAs along K
   int chunks_per_split;      // 64-wide K chunks per split
   int m_tiles;               // 8-row activation tiles per CTA: 1, 2, 4, 8
-  int warps;                 // warps per CTA of the mma.sync kernel: 4, or 8 (m_tiles <= 2, gemm_wide_ok)
+  int warps;                 // warps per CTA of the mma.sync kernel: kWarpsPerCta, or kWideWarpsPerCta (gemm_wide_ok)
   DType dtype;
 };
 
 // Weight tiles (16 rows) per warp of the decode-size kernel at m_tiles = 1 and 2 (experiment knobs,
 // see kernels/flute_gemm.cu; the build passes FLUTE_VLLM_NVCC_FLAGS to nvcc and the host compiler
-// alike, so launcher, binding and kernel agree; cuda_op.n_tiles_per_warp mirrors the defaults).
+// alike, so launcher, binding and kernel agree; cuda_op.N_TILES_PER_WARP mirrors the defaults).
 #ifndef FLUTE_LUT_MT1_TILES
 #define FLUTE_LUT_MT1_TILES 2
 #endif
@@ -52,8 +53,9 @@ struct GemmParams {
 constexpr int gemm_n_tiles_per_warp(int m_tiles) {
   return m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? 2 : 1;
 }
-// Wide CTAs (8 warps sharing one conflict-free 32 KB pair table) exist for m_tiles <= 2; the
-// caller picks them per layer (cuda_op.plan: large N*K, where the L1/shared pipe is the limit).
+// Wide CTAs (kWideWarpsPerCta warps sharing one conflict-free 32 KB pair table) exist for
+// m_tiles <= 2; the caller picks them per layer (cuda_op.warps_for: large N*K, where the L1/shared
+// pipe is the limit).
 constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= 2; }
 // Output rows per CTA, and CTAs along N, for a given N, m_tiles and warps per CTA.
 constexpr int gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles) * warps; }

@@ -67,8 +67,9 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
           const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
           int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles,
           int64_t warps) {
-  TORCH_CHECK(warps == flute::kWarpsPerCta || (warps == 8 && flute::gemm_wide_ok((int)m_tiles)),
-              "flute: warps=", warps, " must be 4, or 8 with m_tiles <= 2");
+  TORCH_CHECK(warps == flute::kWarpsPerCta || (warps == flute::kWideWarpsPerCta && flute::gemm_wide_ok((int)m_tiles)),
+              "flute: warps=", warps, " must be ", flute::kWarpsPerCta, ", or ", flute::kWideWarpsPerCta,
+              " with m_tiles <= 2");
   const int64_t M = x.size(0), N = out.size(1);
   const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
   flute::GemmParams p = gemm_params(x, x.size(1), qweight, scales, tables, out, workspace, counters, bits,

@@ -395,6 +395,7 @@ def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
 
     header = (_build.KERNEL_DIR / "flute_kernel.h").read_text()
     assert int(re.search(r"kWarpsPerCta = (\d+);", header).group(1)) == cuda_op.WARPS_PER_CTA
+    assert int(re.search(r"kWideWarpsPerCta = (\d+);", header).group(1)) == cuda_op.WIDE_WARPS_PER_CTA
     mt1 = int(re.search(r"#define FLUTE_LUT_MT1_TILES (\d+)", header).group(1))
     mt2 = int(re.search(r"#define FLUTE_LUT_MT2_TILES (\d+)", header).group(1))
     body = re.search(r"gemm_n_tiles_per_warp\(int m_tiles\) \{\s*return ([^;]*);", header).group(1)
