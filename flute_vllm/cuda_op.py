@@ -456,7 +456,9 @@ def row_slabs(n: int, k: int, slab_bytes: Optional[int], elem_bytes: int = 2) ->
     """Row ranges ``[n0, n1)`` (multiples of 16) of the dense path: each slab's dequantized weights
     take at most ``slab_bytes`` (at least one 16-row tile); one range when ``slab_bytes`` is 0/None
     or the whole matrix fits. Slabs bound the dense path's scratch (N*K*2 bytes otherwise: 940 MB
-    for a 70B gate_up) and can keep the dequantized slab in L2 for cuBLAS."""
+    for a 70B gate_up), at a cost in speed: on H200, 16 / 32 MB slabs ran at 0.53x / 0.62x of cuBLAS
+    (geo-mean, M = 256 and 1024) against 0.73x for the whole matrix (kernels/NOTES.md, v11), so the
+    shipped configs leave ``dense_slab_bytes`` at 0."""
     if not slab_bytes or n * k * elem_bytes <= slab_bytes:
         return [(0, n)]
     rows = max(TILE_N, slab_bytes // (elem_bytes * k) // TILE_N * TILE_N)

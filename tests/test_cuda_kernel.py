@@ -67,25 +67,48 @@ def _decode(bits, f, s, lo_t, hi_t):
     return a
 
 
-def _table_u16(tw, i):
-    """kernels/flute_device.cuh table_u16: the 16-bit value of entry i from the byte tables."""
-    return ((tw[i >> 2] >> (8 * (i & 3))) & 0xFF) | (((tw[4 + (i >> 2)] >> (8 * (i & 3))) & 0xFF) << 8)
+def _table_entry(tw, i):
+    """TableRegs::u16 (kernels/flute_device.cuh): byte i of the low and of the high byte table (words
+    0-3 / 4-7), picked by byte permutes as the kernel does."""
+    def byte_of(v, i):
+        return (_prmt(v[0], v[1], i & 7) if i < 8 else _prmt(v[2], v[3], i & 7)) & 0xFF
+
+    return byte_of(tw[0:4], i) | (byte_of(tw[4:8], i) << 8)
 
 
-def _decode_table(bits, f, s, tw):
-    """Python copy of the shared-memory table decodes: decode_pair<S> over build_pair_table (4-bit)
-    and decode_quad<S> over build_quad_table (2-bit)."""
+def _build_table(bits, tw, copies):
+    """build_pair_table<copies> (4-bit) / build_quad_table (2-bit): the shared-memory words, written
+    as the kernels write them, by 16-byte piece j (thread j of the build loop)."""
+    smem = [None] * (256 * copies * (1 if bits == 4 else 2))
+    for j in range(len(smem) // 4):
+        if bits == 4:
+            e = j // (copies // 4)
+            pair = _table_entry(tw, e & 15) | (_table_entry(tw, e >> 4) << 16)
+            smem[4 * j : 4 * j + 4] = [pair] * 4
+        else:
+            e = j // (copies // 2)
+            lo = _table_entry(tw, e & 3) | (_table_entry(tw, (e >> 4) & 3) << 16)         # (e0, e1)
+            hi = _table_entry(tw, (e >> 2) & 3) | (_table_entry(tw, (e >> 6) & 3) << 16)  # (e4, e5)
+            smem[4 * j : 4 * j + 4] = [lo, hi, lo, hi]
+    assert None not in smem
+    return smem
+
+
+def _decode_table(bits, f, s, smem, lane, copies):
+    """Python copy of the shared-memory table decodes: decode_pair<S> (4-bit) and decode_quad<S>
+    (2-bit) reading the words of _build_table at the kernel's addresses (entry * kEntryBytes +
+    lane_offset)."""
     a = [0] * 4
     if bits == 4:
         for j in range(4):
             e = (f[s] >> (8 * j)) & 0xFF  # prmt(w, 0, 0x4440 | j)
-            a[j] = _table_u16(tw, e & 15) | (_table_u16(tw, e >> 4) << 16)
+            a[j] = smem[e * copies + lane % copies]
     else:
         w = f[s >> 1]
         for j in range(2):
             e = (w >> (8 * (2 * (s & 1) + j))) & 0xFF
-            a[j] = _table_u16(tw, e & 3) | (_table_u16(tw, (e >> 4) & 3) << 16)
-            a[j + 2] = _table_u16(tw, (e >> 2) & 3) | (_table_u16(tw, (e >> 6) & 3) << 16)
+            base = e * 2 * copies + 2 * (lane % copies)
+            a[j], a[j + 2] = smem[base], smem[base + 1]
     return a
 
 
@@ -101,6 +124,8 @@ def test_kernel_layout_decodes_to_table_values(bits, decoder, dtype):
     kp = cuda_op._padded_k(k)
     words = cuda_op._pack_kernel_layout(torch.nn.functional.pad(q, (0, kp - k)), bits)
     tw = [v & 0xFFFFFFFF for v in cuda_op._table_words(table.unsqueeze(0), dtype, bits)[0].tolist()]
+    copies = 32 if bits == 4 else 16  # the 8-warp CTAs' pair table (4-bit); QuadTable::kCopies (2-bit)
+    smem = _build_table(bits, tw, copies) if decoder == "table" else None
     w = torch.full((n, kp), -1, dtype=torch.int32)
     for tile in range(n // 16):
         for c in range(kp // 64):
@@ -112,7 +137,7 @@ def test_kernel_layout_decodes_to_table_values(bits, decoder, dtype):
                 else:
                     f = cw[2 * lane : 2 * lane + 2] + ([cw[64 + lane]] if bits == 3 else [])
                 for s in range(4):
-                    a = _decode(bits, f, s, tw[0:4], tw[4:8]) if decoder == "permute" else _decode_table(bits, f, s, tw)
+                    a = _decode(bits, f, s, tw[0:4], tw[4:8]) if decoder == "permute" else _decode_table(bits, f, s, smem, lane, copies)
                     for i in range(8):
                         row = 16 * tile + gg + 8 * ((i >> 1) & 1)
                         kk = 2 * (i >> 2) + (i & 1)
@@ -459,7 +484,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     # (benchmarks/ab_kernel.py) away from their defaults for sm_90a, so a knob cannot rot unbuilt
     knobs = ["-DFLUTE_LUT_STAGES=8", "-DFLUTE_LUT_MIXED_MIN_MT=1", "-DFLUTE_LUT_HOLD_ADDR=0", "-DFLUTE_LUT_MT1_MIN_BLOCKS=8",
              "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7",
-             "-DFLUTE_LUT_W2_QUAD_STEPS=5"]
+             "-DFLUTE_LUT_W2_QUAD_STEPS=5", "-DFLUTE_LUT_X_AHEAD_MT=1"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
