@@ -19,6 +19,7 @@ or launch overhead. On the CPU (CI) the same step runs eagerly. Reported per var
     python benchmarks/e2e.py                        # llama3-8b, dense,nf4g64,w3g64, batch 1,8,32
     python benchmarks/e2e.py --compile --batches 1  # + torch.compile of the step: e2e_<gpu>_compiled.*
     python benchmarks/e2e.py --model tiny --device cpu --dtype float32 --batches 1,2 --prompt-len 16 --new-tokens 4
+    python benchmarks/e2e.py --compile --variants w3g64 --resume   # add to the file a cut-short run left
 
 Writes ``benchmarks/results/e2e_<device>.json`` and ``.md``.
 """
@@ -265,7 +266,10 @@ def _gb(n) -> float | None:
     return None if n is None else round(n / 2**30, 3)
 
 
-def run_variant(args, variant: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def run_variant(args, variant: str, device: torch.device, dtype: torch.dtype, batches: list[int],
+                on_record=lambda rec: None) -> list[dict]:
+    """Build, quantize and measure one variant at ``batches``; ``on_record`` sees each record as it
+    is made (main writes the results file there, so a run cut short keeps what it measured)."""
     cuda = device.type == "cuda"
     free_memory(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
@@ -282,7 +286,7 @@ def run_variant(args, variant: str, device: torch.device, dtype: torch.dtype) ->
     with torch.inference_mode():
         prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
         ttft = time_ttft(m, prompt, args.reps)
-        for b in args.batches:
+        for b in batches:
             free_memory(device)
             ids = torch.randint(0, vocab, (b, args.prompt_len), generator=gen).to(device)
             dec = StaticDecoder(m, b, args.prompt_len, args.new_tokens, compile_step=args.compile)
@@ -298,6 +302,7 @@ def run_variant(args, variant: str, device: torch.device, dtype: torch.dtype) ->
                        ms_per_step=round(1e3 * s, 3), prompt_len=args.prompt_len, ttft_ms=round(ttft * 1e3, 2),
                        model_gb=_gb(model_bytes(m)), loaded_gb=_gb(loaded), peak_gb=_gb(peak))
             records.append(rec)
+            on_record(rec)
             print(f"  {variant:7s} batch {b:3d}: {rec['decode_tok_s']:9.1f} tok/s  {rec['ms_per_step']:8.3f} ms/step  "
                   f"TTFT({args.prompt_len}) {rec['ttft_ms']:.1f} ms  model {rec['model_gb']} GB  "
                   f"loaded {rec['loaded_gb']} GB  peak {rec['peak_gb']} GB", flush=True)
@@ -307,14 +312,19 @@ def run_variant(args, variant: str, device: torch.device, dtype: torch.dtype) ->
     return records
 
 
+def results_path(out_dir: Path, name: str, suffix: str = "") -> Path:
+    """``<out_dir>/e2e_<device>[suffix].json`` (the ``.md`` beside it)."""
+    return out_dir / ("e2e_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + suffix + ".json")
+
+
 def write_results(records: list[dict], out_dir: Path, name: str, suffix: str = "") -> Path:
     dense = {r["batch"]: r for r in records if r["variant"] == "dense"}
     for r in records:
         d = dense.get(r["batch"])
         r["speedup_vs_dense"] = round(r["decode_tok_s"] / d["decode_tok_s"], 3) if d else None
-    stem = "e2e_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") + suffix
+    path = results_path(out_dir, name, suffix)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    path.write_text(json.dumps(records, indent=1))
     r0 = records[0]
     lines = [f"# End-to-end decode on {name} ({r0['model']}, {r0['dtype']}, HF transformers, {r0['method']})", "",
              f"Decode step: {r0['prompt_len']}-token prompt, static KV cache, median over runs of "
@@ -327,8 +337,8 @@ def write_results(records: list[dict], out_dir: Path, name: str, suffix: str = "
                      f"{r['speedup_vs_dense'] or '':} | {r['ms_per_step']:.3f} | {r['ttft_ms']:.1f} ({r['prompt_len']}) | "
                      f"{r['model_gb']} | {r['loaded_gb'] if r['loaded_gb'] is not None else ''} | "
                      f"{r['peak_gb'] if r['peak_gb'] is not None else ''} |")
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    return out_dir / f"{stem}.json"
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv=None) -> Path:
@@ -344,6 +354,9 @@ def main(argv=None) -> Path:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step before the graph capture (writes e2e_<gpu>_compiled.*)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the records of the existing results file and measure only the (variant, batch) "
+                         "pairs it lacks (for runs split across time-limited sessions)")
     args = ap.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     variants = [v for v in args.variants.split(",") if v]
@@ -357,11 +370,23 @@ def main(argv=None) -> Path:
     args.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.device_name}: {args.model} {args.dtype}, variants {variants}, batches {args.batches}, "
           f"{(COMPILED_METHOD if args.compile else GRAPH_METHOD) if device.type == 'cuda' else EAGER_METHOD}", flush=True)
-    records = []
     suffix = "_compiled" if args.compile else ""
+    path = results_path(Path(args.out), args.device_name, suffix)
+    records = json.loads(path.read_text()) if args.resume and path.exists() else []
+    done = {(r["variant"], r["batch"]) for r in records}
+    if done:
+        print(f"--resume: keeping {len(records)} records of {path}", flush=True)
+
+    def keep(rec):  # write after every record: a run cut short keeps what it measured
+        records.append(rec)
+        write_results(records, Path(args.out), args.device_name, suffix)
+
     for v in variants:
-        records += run_variant(args, v, device, dtype)
-        path = write_results(records, Path(args.out), args.device_name, suffix)  # after each variant: partial runs keep results
+        todo = [b for b in args.batches if (v, b) not in done]
+        if todo:
+            run_variant(args, v, device, dtype, todo, keep)
+    if not records:
+        raise SystemExit("nothing measured")
     print(f"wrote {path}")
     return path
 

@@ -22,6 +22,27 @@ def test_build_model_quantizes_every_projection_but_lm_head():
     assert isinstance(m.lm_head, torch.nn.Linear)
 
 
+def test_e2e_resume_measures_only_the_missing_pairs(tmp_path, monkeypatch):
+    common = ["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--prompt-len", "16", "--new-tokens", "2",
+              "--reps", "1", "--out", str(tmp_path), "--variants", "dense,nf4g64"]
+    first = {(r["variant"], r["batch"]): r for r in json.loads(e2e.main(common + ["--batches", "1"]).read_text())}
+    calls = []
+    run_variant = e2e.run_variant
+
+    def spy(args, variant, device, dtype, batches, on_record):
+        calls.append((variant, list(batches)))
+        return run_variant(args, variant, device, dtype, batches, on_record)
+
+    monkeypatch.setattr(e2e, "run_variant", spy)
+    path = e2e.main(common + ["--batches", "1,2", "--resume"])
+    assert calls == [("dense", [2]), ("nf4g64", [2])]
+    recs = {(r["variant"], r["batch"]): r for r in json.loads(path.read_text())}
+    assert set(recs) == {(v, b) for v in ("dense", "nf4g64") for b in (1, 2)}
+    assert all(recs[k]["ms_per_step"] == first[k]["ms_per_step"] for k in first)  # kept, not re-measured
+    assert recs[("nf4g64", 2)]["speedup_vs_dense"] is not None
+    assert "| nf4g64 | 2 |" in path.with_suffix(".md").read_text()
+
+
 def test_e2e_benchmark_runs_on_cpu(tmp_path):
     path = e2e.main(["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1,2",
                      "--prompt-len", "16", "--new-tokens", "3", "--reps", "1", "--out", str(tmp_path)])
