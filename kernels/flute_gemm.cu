@@ -45,6 +45,12 @@
 #ifndef FLUTE_LUT_MT2_MIN_BLOCKS
 #define FLUTE_LUT_MT2_MIN_BLOCKS 4  // MT = 2 likewise (4: 128 registers, for 2 weight tiles per warp)
 #endif
+#ifndef FLUTE_LUT_WIDE_MT1_MIN_BLOCKS
+#define FLUTE_LUT_WIDE_MT1_MIN_BLOCKS 3  // 8-warp CTAs at MT = 1: resident CTAs asked of ptxas (3: 80 registers)
+#endif
+#ifndef FLUTE_LUT_WIDE_MT2_MIN_BLOCKS
+#define FLUTE_LUT_WIDE_MT2_MIN_BLOCKS 2  // 8-warp CTAs at MT = 2 (2: 128 registers)
+#endif
 #ifndef FLUTE_LUT_X_AHEAD_MT
 #define FLUTE_LUT_X_AHEAD_MT 2  // 4-bit kernels with MT == this load the activation fragments one chunk ahead
                                 // (v11: M = 16 large layers 3-9% faster; at MT = 1 the 8-warp kernel spills; 0: none)
@@ -57,11 +63,10 @@ static_assert((FLUTE_LUT_STAGES & (FLUTE_LUT_STAGES - 1)) == 0 && FLUTE_LUT_STAG
 namespace flute {
 namespace {
 
-// Resident CTAs per SM asked of ptxas (register cap): 4-warp CTAs from the knobs above (MT = 1: 96
-// registers, MT = 2: 128), MT >= 4: 3 (<= 170 registers); 8-warp CTAs: 3 (MT = 1, 80 registers) and
-// 2 (MT = 2, 128 registers).
+// Resident CTAs per SM asked of ptxas (register cap), from the knobs above: 4-warp CTAs MT = 1: 96
+// registers, MT = 2: 128, MT >= 4: 3 (<= 170 registers); 8-warp CTAs MT = 1: 80, MT = 2: 128.
 template <int MT, int W> struct MinBlocks {
-  static constexpr int value = W == kWideWarpsPerCta ? (MT == 1 ? 3 : 2)
+  static constexpr int value = W == kWideWarpsPerCta ? (MT == 1 ? FLUTE_LUT_WIDE_MT1_MIN_BLOCKS : FLUTE_LUT_WIDE_MT2_MIN_BLOCKS)
                                       : MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
 };
 // Kernels that decode (some) k-steps through a table in shared memory: 4-bit (pair table) and,
