@@ -51,6 +51,9 @@
 #ifndef FLUTE_LUT_WIDE_MT2_MIN_BLOCKS
 #define FLUTE_LUT_WIDE_MT2_MIN_BLOCKS 2  // 8-warp CTAs at MT = 2 (2: 128 registers)
 #endif
+#ifndef FLUTE_LUT_SLOT_UNROLL
+#define FLUTE_LUT_SLOT_UNROLL 0  // experiment: chunk loop unrolled by the ring depth (constant ring slots)
+#endif
 #ifndef FLUTE_LUT_X_AHEAD_MT
 #define FLUTE_LUT_X_AHEAD_MT 2  // 4-bit kernels with MT == this load the activation fragments one chunk ahead
                                 // (v11: M = 16 large layers 3-9% faster; at MT = 1 the 8-warp kernel spills; 0: none)
@@ -240,7 +243,6 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
       const T* xr[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
-      uint32_t slot = 0;
       constexpr bool XA = BITS == 4 && MT == FLUTE_LUT_X_AHEAD_MT;
       uint4 xa_n[MT], xb_n[MT];  // XA: the next chunk's activation fragments
       auto load_x = [&](uint4 (&a)[MT], uint4 (&b)[MT], bool half) {
@@ -252,8 +254,20 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
         }
       };
       if constexpr (XA) load_x(xa_n, xb_n, cb == last_half);
+#if FLUTE_LUT_SLOT_UNROLL
+      // Experiment: unrolled by the ring depth, chunk c0 + u is in ring slot u, so every ring
+      // address is a constant offset from the lane's base registers (no slot arithmetic per chunk).
+      for (int c0 = cb; c0 < ce; c0 += STAGES) {
+#pragma unroll
+        for (int u = 0; u < STAGES; ++u) {
+        const int cc = c0 + u;
+        if (cc >= ce) break;
+        const uint32_t slot = u;
+#else
+      uint32_t slot = 0;
 #pragma unroll 2
       for (int cc = cb; cc < ce; ++cc) {
+#endif
         cp_async_wait<STAGES - 2>();  // chunk cc has landed (this lane's copies)
         __syncwarp();                  // ... and every lane's; everyone is done with the previous slot
         if (cc + STAGES - 1 < ce) issue((slot + STAGES - 1) & (STAGES - 1));
@@ -319,8 +333,13 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
             in_group = 0;
           }
         }
+#if FLUTE_LUT_SLOT_UNROLL
+        }
+      }
+#else
         slot = (slot + 1) & (STAGES - 1);
       }
+#endif
     };
     if (warp_work) {
       bool pair_all = true;
