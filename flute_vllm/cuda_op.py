@@ -39,7 +39,8 @@ TILE_N = 16
 CHUNK_K = 64
 TABLE_WORDS = 24
 WARPS_PER_CTA = 4
-WIDE_WARPS_PER_CTA = 8  # m_tiles <= 2 only (warps_for)
+WIDE_WARPS_PER_CTA = 8  # m_tiles <= WIDE_MAX_M_TILES only (warps_for)
+WIDE_MAX_M_TILES = 2  # flute_kernel.h FLUTE_LUT_WIDE_MAX_MT (default; wide_ok asks the build)
 N_TILES_PER_WARP = {1: 2, 2: 2, 4: 2, 8: 1}  # m_tiles -> weight tiles per warp (flute_kernel.h defaults)
 COUNTER_SLOTS = 1 << 16
 GROUP_SIZES = (32, 64, 128, 256)
@@ -317,6 +318,14 @@ def rows_per_cta(m_tiles: int, warps: int = WARPS_PER_CTA) -> int:
     return TILE_N * N_TILES_PER_WARP[m_tiles] * warps
 
 
+def wide_ok(m_tiles: int) -> bool:
+    """Whether 8-warp CTAs exist for ``m_tiles``: the built extension's gemm_wide_ok on CUDA (an
+    experiment build may widen it), else kernels/flute_kernel.h's default (m_tiles <= 2)."""
+    if torch.cuda.is_available():
+        return bool(_ext().wide_ok(m_tiles))
+    return m_tiles <= WIDE_MAX_M_TILES
+
+
 def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
     """Warps per CTA of the mma.sync kernel: 8 (one conflict-free 32 KB pair table shared by 8
     warps; kernels/flute_kernel.h gemm_wide_ok) for 4-bit, m_tiles <= 2 and N*K >= the config's
@@ -335,8 +344,9 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
     ``cta_overhead_chunks``)."""
     mt = m_tiles or m_tiles_for(m)
     w = warps or warps_for(bits, mt, n, k, cfg)
-    if w not in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) or (w == WIDE_WARPS_PER_CTA and mt > 2):
-        _fail(f"warps={w} must be {WARPS_PER_CTA}, or {WIDE_WARPS_PER_CTA} with m_tiles <= 2 (m_tiles={mt})")
+    if w not in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) or (w == WIDE_WARPS_PER_CTA and not wide_ok(mt)):
+        _fail(f"warps={w} must be {WARPS_PER_CTA}, or {WIDE_WARPS_PER_CTA} where the build has wide CTAs "
+              f"(m_tiles <= {WIDE_MAX_M_TILES} by default; m_tiles={mt})")
     grid_x = -(-n // rows_per_cta(mt, w))
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K

@@ -92,6 +92,17 @@ template <> struct TypeOps<float> {
   static __device__ __forceinline__ float from_float(float v) { return v; }
 };
 
+// a * s2 on two 16-bit lanes (scale folded into decoded weights: one extra rounding).
+template <typename T> __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t s2);
+template <> __device__ __forceinline__ uint32_t mul2<half>(uint32_t a, uint32_t s2) {
+  __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&s2));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+template <> __device__ __forceinline__ uint32_t mul2<__nv_bfloat16>(uint32_t a, uint32_t s2) {
+  __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&s2));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
 // Packed indices of one lane for one 64-wide K chunk (4 mma k-steps, 8 indices per step).
 template <int BITS> struct Frag { uint32_t w[BITS]; };
 

@@ -54,6 +54,11 @@
 #ifndef FLUTE_LUT_SLOT_UNROLL
 #define FLUTE_LUT_SLOT_UNROLL 0  // experiment: chunk loop unrolled by the ring depth (constant ring slots)
 #endif
+#ifndef FLUTE_LUT_FOLD_MIN_MT
+#define FLUTE_LUT_FOLD_MIN_MT 99  // experiment: MT >= this folds the group scales into the decoded weights
+                                  // (HMUL2, one more rounding) and accumulates straight into acc: no
+                                  // per-group partials (frees 4 * NT * MT registers for more tiles per warp)
+#endif
 #ifndef FLUTE_LUT_X_AHEAD_MT
 #define FLUTE_LUT_X_AHEAD_MT 2  // 4-bit kernels with MT == this load the activation fragments one chunk ahead
                                 // (v11: M = 16 large layers 3-9% faster; at MT = 1 the 8-warp kernel spills; 0: none)
@@ -86,6 +91,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
   using Pair = LutPairTable<W>;
   constexpr bool SMEM_TABLE = kSmemTable<BITS>;
   constexpr int STAGES = FLUTE_LUT_STAGES;
+  constexpr bool FOLD = MT >= FLUTE_LUT_FOLD_MIN_MT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int ntiles = p.N >> 4;
@@ -286,6 +292,17 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
             if constexpr (BITS == 3) f[nt].w[2] = sw[64 + lane];
           }
         }
+        uint32_t s2[NT][2][2];  // FOLD: [tile][chunk half][row g / g + 8] scale pairs of this chunk
+        if constexpr (FOLD) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const uint16_t* sc = reinterpret_cast<const uint16_t*>(s_sc[warp][slot][nt][0]);
+            s2[nt][0][0] = sc[g] * 0x10001u;
+            s2[nt][0][1] = sc[g + 8] * 0x10001u;
+            s2[nt][1][0] = g32 ? sc[16 + g] * 0x10001u : s2[nt][0][0];
+            s2[nt][1][1] = g32 ? sc[16 + g + 8] * 0x10001u : s2[nt][0][1];
+          }
+        }
         const bool only_half = cc == last_half;
         uint4 xa[MT], xb[MT];
         if constexpr (XA) {
@@ -310,24 +327,31 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
       } else {                                                                                  \
         decode<BITS, S>(f[nt], tb[nt], a);                                                      \
       }                                                                                         \
+      if constexpr (FOLD) {                                                                     \
+        a[0] = mul2<T>(a[0], s2[nt][S >> 1][0]);                                                \
+        a[1] = mul2<T>(a[1], s2[nt][S >> 1][1]);                                                \
+        a[2] = mul2<T>(a[2], s2[nt][S >> 1][0]);                                                \
+        a[3] = mul2<T>(a[3], s2[nt][S >> 1][1]);                                                \
+      }                                                                                         \
       _Pragma("unroll") for (int mt = 0; mt < MT; ++mt) {                                       \
         const uint4& xv = (S < 2) ? xa[mt] : xb[mt];                                            \
         const uint32_t b0 = (S & 1) ? xv.z : xv.x;                                              \
         const uint32_t b1 = (S & 1) ? xv.w : xv.y;                                              \
-        Ops::mma(part[nt][mt], a, b0, b1);                                                      \
+        if constexpr (FOLD) Ops::mma(acc[nt][mt], a, b0, b1);                                   \
+        else Ops::mma(part[nt][mt], a, b0, b1);                                                 \
       }                                                                                         \
     }                                                                                           \
   }
         FLUTE_STEP(0)
         FLUTE_STEP(1)
-        if (g32) flush(slot, 0);
+        if (!FOLD && g32) flush(slot, 0);
         if (!only_half) {
           FLUTE_STEP(2)
           FLUTE_STEP(3)
-          if (g32) flush(slot, 1);
+          if (!FOLD && g32) flush(slot, 1);
         }
 #undef FLUTE_STEP
-        if (!g32) {
+        if (!FOLD && !g32) {
           if (++in_group == cpg || cc == ce - 1) {
             flush(slot, 0);
             in_group = 0;

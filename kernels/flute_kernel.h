@@ -40,7 +40,7 @@ struct GemmParams {
   DType dtype;
 };
 
-// Weight tiles (16 rows) per warp of the decode-size kernel at m_tiles = 1 and 2 (experiment knobs,
+// Weight tiles (16 rows) per warp of the decode-size kernel at m_tiles = 1, 2 and 4 (experiment knobs,
 // see kernels/flute_gemm.cu; the build passes FLUTE_VLLM_NVCC_FLAGS to nvcc and the host compiler
 // alike, so launcher, binding and kernel agree; cuda_op.N_TILES_PER_WARP mirrors the defaults).
 #ifndef FLUTE_LUT_MT1_TILES
@@ -49,14 +49,20 @@ struct GemmParams {
 #ifndef FLUTE_LUT_MT2_TILES
 #define FLUTE_LUT_MT2_TILES 2
 #endif
+#ifndef FLUTE_LUT_MT4_TILES
+#define FLUTE_LUT_MT4_TILES 2
+#endif
 // Tiles of 16 output rows handled by one warp for a given m_tiles (the kernel's NT parameter).
 constexpr int gemm_n_tiles_per_warp(int m_tiles) {
-  return m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? 2 : 1;
+  return m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? FLUTE_LUT_MT4_TILES : 1;
 }
 // Wide CTAs (kWideWarpsPerCta warps sharing one conflict-free 32 KB pair table) exist for
-// m_tiles <= 2; the caller picks them per layer (cuda_op.warps_for: large N*K, where the L1/shared
-// pipe is the limit).
-constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= 2; }
+// m_tiles <= FLUTE_LUT_WIDE_MAX_MT (2; 4 is an experiment knob); the caller picks them per layer
+// (cuda_op.warps_for: large N*K, where the L1/shared pipe is the limit).
+#ifndef FLUTE_LUT_WIDE_MAX_MT
+#define FLUTE_LUT_WIDE_MAX_MT 2
+#endif
+constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= FLUTE_LUT_WIDE_MAX_MT; }
 // Output rows per CTA, and CTAs along N, for a given N, m_tiles and warps per CTA.
 constexpr int gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles) * warps; }
 inline int gemm_grid_x(int N, int m_tiles, int warps) {

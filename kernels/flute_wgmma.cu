@@ -83,16 +83,6 @@ __device__ __forceinline__ uint64_t smem_desc_sw128(uint32_t addr) {
   return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) | ((uint64_t)1 << 62);
 }
 
-template <typename T> __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t s2);
-template <> __device__ __forceinline__ uint32_t mul2<half>(uint32_t a, uint32_t s2) {
-  __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&s2));
-  return *reinterpret_cast<uint32_t*>(&r);
-}
-template <> __device__ __forceinline__ uint32_t mul2<__nv_bfloat16>(uint32_t a, uint32_t s2) {
-  __nv_bfloat162 r = __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&s2));
-  return *reinterpret_cast<uint32_t*>(&r);
-}
-
 // mbarriers of the ring: `full` completes a phase when every thread's cp.asyncs of a stage have
 // landed, `empty` when every warp is done reading a stage (its wgmmas completed).
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {

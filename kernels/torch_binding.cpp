@@ -69,7 +69,7 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
           int64_t warps) {
   TORCH_CHECK(warps == flute::kWarpsPerCta || (warps == flute::kWideWarpsPerCta && flute::gemm_wide_ok((int)m_tiles)),
               "flute: warps=", warps, " must be ", flute::kWarpsPerCta, ", or ", flute::kWideWarpsPerCta,
-              " with m_tiles <= 2");
+              " with m_tiles <= ", FLUTE_LUT_WIDE_MAX_MT);
   const int64_t M = x.size(0), N = out.size(1);
   const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
   flute::GemmParams p = gemm_params(x, x.size(1), qweight, scales, tables, out, workspace, counters, bits,
@@ -140,6 +140,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("dequant", &dequant, "flute dequantize (kernel layout) to dense");
   m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype, warps)");
+  m.def("wide_ok", [](int64_t m_tiles) { return flute::gemm_wide_ok((int)m_tiles); },
+        "whether 8-warp CTAs exist for m_tiles in this build (gemm_wide_ok)");
   m.def("rows_per_cta", [](int64_t m_tiles, int64_t warps) { return (int64_t)flute::gemm_rows_per_cta((int)m_tiles, (int)warps); },
         "output rows per CTA of the gemm kernel for (m_tiles, warps) (the launcher's grid along N)");
 }

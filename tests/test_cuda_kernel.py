@@ -423,13 +423,18 @@ def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
     assert int(re.search(r"kWideWarpsPerCta = (\d+);", header).group(1)) == cuda_op.WIDE_WARPS_PER_CTA
     mt1 = int(re.search(r"#define FLUTE_LUT_MT1_TILES (\d+)", header).group(1))
     mt2 = int(re.search(r"#define FLUTE_LUT_MT2_TILES (\d+)", header).group(1))
+    mt4 = int(re.search(r"#define FLUTE_LUT_MT4_TILES (\d+)", header).group(1))
     body = re.search(r"gemm_n_tiles_per_warp\(int m_tiles\) \{\s*return ([^;]*);", header).group(1)
-    assert body == "m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? 2 : 1"
-    assert cuda_op.N_TILES_PER_WARP == {1: mt1, 2: mt2, 4: 2, 8: 1}
-    assert "constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= 2; }" in header
+    assert body == ("m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : "
+                    "m_tiles == 4 ? FLUTE_LUT_MT4_TILES : 1")
+    assert cuda_op.N_TILES_PER_WARP == {1: mt1, 2: mt2, 4: mt4, 8: 1}
+    assert "constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= FLUTE_LUT_WIDE_MAX_MT; }" in header
+    assert int(re.search(r"#define FLUTE_LUT_WIDE_MAX_MT (\d+)", header).group(1)) == cuda_op.WIDE_MAX_M_TILES
+    if not torch.cuda.is_available():
+        assert [cuda_op.wide_ok(m) for m in (1, 2, 4, 8)] == [True, True, False, False]
     assert "gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles) * warps; }" in header
     if not torch.cuda.is_available():
-        assert [cuda_op.rows_per_cta(m) for m in (1, 2, 4, 8)] == [16 * 4 * mt1, 16 * 4 * mt2, 128, 64]
+        assert [cuda_op.rows_per_cta(m) for m in (1, 2, 4, 8)] == [16 * 4 * mt1, 16 * 4 * mt2, 16 * 4 * mt4, 64]
         assert cuda_op.rows_per_cta(1, 8) == 16 * 8 * mt1
 
 
@@ -486,7 +491,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
              "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7",
              "-DFLUTE_LUT_W2_QUAD_STEPS=5", "-DFLUTE_LUT_X_AHEAD_MT=1",
              "-DFLUTE_LUT_WIDE_MT1_MIN_BLOCKS=2", "-DFLUTE_LUT_WIDE_MT2_MIN_BLOCKS=3",
-             "-DFLUTE_LUT_SLOT_UNROLL=1"]
+             "-DFLUTE_LUT_SLOT_UNROLL=1", "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
+             "-DFLUTE_LUT_WIDE_MAX_MT=4"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
