@@ -285,7 +285,8 @@ def test_randomized_sweep():
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", splits=splits, block_m=c["block_m"])
         else:
             splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "lut_split" else None
-            warps = rng.choice([4, 8]) if cuda_op.m_tiles_for(c["m"]) <= 2 else 4  # 8: wide CTAs, any bits
+            # 8: wide CTAs, any bits, where the build has them (m_tiles <= 2; more in an experiment build)
+            warps = rng.choice([4, 8]) if cuda_op.wide_ok(cuda_op.m_tiles_for(c["m"])) else 4
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits, warps=warps)
         ref = _reference(x, qweight, scales, tables, ends, c["bits"], c["g"])
         err = _rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
