@@ -37,6 +37,10 @@ constexpr int kWgmmaWarps = 8;    // 2 warpgroups
 // Ring depth per BN (shared memory ~104 / 105 / 190 KB: 2 / 2 / 1 CTAs per SM): STAGES - 2 chunks are in flight ahead of
 // the one consumed, which is what keeps HBM busy when the kernel is memory bound (small M).
 // 4-bit kernels also hold the 16 KB pair table, so they get one stage less where that keeps 2 CTAs/SM.
+#ifndef FLUTE_WGMMA_RUNNING_PTRS
+#define FLUTE_WGMMA_RUNNING_PTRS 0  // experiment: ring-refill sources as running pointers (see issue())
+#endif
+
 template <int BITS, int BN> struct WgmmaStages {
   static constexpr int value = BN == 64 ? (BITS == 4 ? 7 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
 };
@@ -156,6 +160,37 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   const T* sc_src = scales + (size_t)tile * ngroups * 16 + 2 * (lane & 7);
   const int sc_h = (lane >> 3) & 1;
 
+#if FLUTE_WGMMA_RUNNING_PTRS
+  // Experiment: per-thread sources computed once and advanced by one chunk per issue (chunks are
+  // issued in order, each once), instead of the row clamp and 64-bit address math every chunk.
+  const T* x_next[BN / 32];
+#pragma unroll
+  for (int j = 0; j < BN / 32; ++j) x_next[j] = x + (size_t)min(m0 + x_row0 + 32 * j, p.M - 1) * kp_row + (cb << 6);
+  const uint32_t* w_next = wsrc + (size_t)cb * CW;
+  int k_next = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
+  auto issue = [&](int, int st) {
+    const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
+#pragma unroll
+    for (int j = 0; j < BN / 32; ++j) {
+      cp_async16_s(xd + j * 4096, x_next[j]);
+      x_next[j] += 64;
+    }
+    const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
+    if constexpr (BITS == 4) {
+      cp_async16_s(wd + 16 * lane, w_next);
+    } else {
+      cp_async8_s(wd + 8 * lane, w_next);
+      if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, w_next + 64 - lane);
+    }
+    w_next += CW;
+    if (lane < 16) {
+      const uint32_t grp16 = (uint32_t)min(k_next >> gshift, ngroups - 1) * 16u;
+      const uint32_t sd = sbase + st * Smem::kStage + Smem::kX + Smem::kW + (warp * 2 + sc_h) * 16 * sizeof(T) + 4 * (lane & 7);
+      cp_async4_s(sd, sc_src + grp16);
+    }
+    k_next += 64;
+  };
+#else
   auto issue = [&](int cc, int st) {
     const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
 #pragma unroll
@@ -177,6 +212,7 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
       cp_async4_s(sd, sc_src + grp * 16);
     }
   };
+#endif
 
   ByteTable tb;
   {

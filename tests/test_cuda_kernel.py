@@ -497,6 +497,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
+    jobs["flute_wgmma.cu+knobs"] = ("flute_wgmma.cu", ["-DFLUTE_WGMMA_RUNNING_PTRS=1"], ["-gencode=arch=compute_90a,code=sm_90a"])
 
     def compile_one(item):
         name, (src, extra, archs) = item
