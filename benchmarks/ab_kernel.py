@@ -36,11 +36,21 @@ REL_ERR_MAX = 1e-2  # vs the fp32 dequantize + matmul of the same weights (fp16/
 
 
 def parse_variant(spec: str) -> tuple[str, str]:
-    """``"name=flags"`` -> (name, flags); flags may be empty (the shipped build)."""
+    """``"name=flags"`` -> (name, flags); flags may be empty (the shipped build). The name may end
+    in ``@4`` / ``@8``: that variant's LUT-kernel CTA width (see :func:`variant_warps`)."""
     name, sep, flags = spec.partition("=")
-    if not sep or not name.strip() or not name.strip().replace("_", "").replace("-", "").isalnum():
-        raise ValueError(f"--variant {spec!r}: use NAME=FLAGS, e.g. s8=-DFLUTE_LUT_STAGES=8 (FLAGS may be empty)")
+    base, at, warps = name.strip().partition("@")
+    if (not sep or not base or not base.replace("_", "").replace("-", "").isalnum()
+            or (at and warps not in ("4", "8"))):
+        raise ValueError(f"--variant {spec!r}: use NAME=FLAGS or NAME@WARPS=FLAGS (WARPS 4 or 8), e.g. "
+                         "s8=-DFLUTE_LUT_STAGES=8 (FLAGS may be empty)")
     return name.strip(), flags.strip()
+
+
+def variant_warps(name: str, default: int) -> int:
+    """The CTA width a variant is timed with: its ``@WARPS`` suffix, else ``--warps``."""
+    _, at, warps = name.partition("@")
+    return int(warps) if at else default
 
 
 def summarize(results: dict[str, list[dict]]) -> str:
@@ -101,7 +111,8 @@ def worker(args) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("-v", "--variant", action="append", default=[], help="NAME=NVCC_FLAGS (repeat; first = baseline)")
+    ap.add_argument("-v", "--variant", action="append", default=[],
+                    help="NAME=NVCC_FLAGS (repeat; first = baseline); NAME@8=... times that variant with 8-warp CTAs")
     ap.add_argument("--shapes", default=",".join(FULL), help="kernel.py shape names (TP slices: NAME/tp2)")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4])
@@ -109,7 +120,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--path", default="lut", choices=["lut", "tc", "dense"], help="kernel path to force")
     ap.add_argument("--warps", type=int, default=0, choices=[0, 4, 8],
-                    help="LUT kernel CTA width for every variant (0: the op's choice, cuda_op.warps_for)")
+                    help="LUT kernel CTA width for every variant without an @WARPS suffix (0: the op's choice, "
+                         "cuda_op.warps_for)")
     ap.add_argument("--slab-bytes", type=int, default=-1,
                     help="dense path: dequantize by row slabs of at most this many bytes (0: whole matrix; "
                          "-1: the config's dense_slab_bytes)")
@@ -144,13 +156,13 @@ def main(argv=None) -> dict:
             failed.append(n)
     results: dict[str, list[dict]] = {}
     passthrough = ["--shapes", args.shapes, "--ms", args.ms, "--bits", str(args.bits), "--group-size",
-                   str(args.group_size), "--dtype", args.dtype, "--path", args.path, "--warps", str(args.warps),
-                   "--slab-bytes", str(args.slab_bytes)]
+                   str(args.group_size), "--dtype", args.dtype, "--path", args.path, "--slab-bytes", str(args.slab_bytes)]
     for n, _ in variants:
         if n in failed:
             results[n] = []
             continue
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *passthrough], cwd=ROOT,
+        warps = ["--warps", str(variant_warps(n, args.warps))]
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *passthrough, *warps], cwd=ROOT,
                               env=env_of[n], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         results[n] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0:

@@ -15,9 +15,11 @@ from flute_vllm import _build  # noqa: E402
 def test_parse_variant():
     assert ab_kernel.parse_variant("base=") == ("base", "")
     assert ab_kernel.parse_variant("s8=-DFLUTE_LUT_STAGES=8 -DX=1") == ("s8", "-DFLUTE_LUT_STAGES=8 -DX=1")
-    for bad in ("noequals", "=-DX", "a b=-DX"):
+    assert ab_kernel.parse_variant("w4@8=-DX=1") == ("w4@8", "-DX=1")
+    for bad in ("noequals", "=-DX", "a b=-DX", "w@6=-DX", "@8=-DX", "w@=-DX"):
         with pytest.raises(ValueError, match="NAME=FLAGS"):
             ab_kernel.parse_variant(bad)
+    assert ab_kernel.variant_warps("w4@8", 0) == 8 and ab_kernel.variant_warps("base", 4) == 4
 
 
 def _rec(shape, m, us, cublas, flags="", err=1e-3):
