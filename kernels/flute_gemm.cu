@@ -54,6 +54,9 @@
 #ifndef FLUTE_LUT_SLOT_UNROLL
 #define FLUTE_LUT_SLOT_UNROLL 0  // experiment: chunk loop unrolled by the ring depth (constant ring slots)
 #endif
+#ifndef FLUTE_LUT_LAZY_SCALES
+#define FLUTE_LUT_LAZY_SCALES 0  // experiment: copy group scales only for the chunks whose flush reads them
+#endif
 #ifndef FLUTE_LUT_FOLD_MIN_MT
 #define FLUTE_LUT_FOLD_MIN_MT 99  // experiment: MT >= this folds the group scales into the decoded weights
                                   // (HMUL2, one more rounding) and accumulates straight into acc: no
@@ -189,10 +192,26 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     int knext = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
     const int last_half = half_last ? nch - 1 : 0x7fffffff;
 
+#if FLUTE_LUT_LAZY_SCALES
+    int iss_in_group = in_group;  // the consumer's group counter below, run ahead on the issue side
+#endif
     auto issue = [&](uint32_t slot) {
       const uint32_t wdst = sw_lane + slot * SLOT_W;
       const uint32_t sdst = ss_lane + slot * SLOT_S;
       const int grp = min(knext >> gshift, ngroups - 1);
+#if FLUTE_LUT_LAZY_SCALES
+      // Experiment: the flush reads a slot's scales only at a group's last chunk in this split (every
+      // chunk for G == 32 or folded scales), so copy them for those chunks only.
+      bool need_sc = true;
+      if constexpr (!FOLD) {
+        if (!g32) {
+          need_sc = ++iss_in_group == cpg || (knext >> 6) == ce - 1;
+          if (need_sc) iss_in_group = 0;
+        }
+      }
+#else
+      constexpr bool need_sc = true;
+#endif
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         if constexpr (BITS == 4) {
@@ -201,7 +220,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
           cp_async8_s(wdst + nt * CW * 4, wnext[nt]);
           if constexpr (BITS == 3) cp_async4_s(wdst + nt * CW * 4 + 256 - 4 * lane, wnext[nt] + 64 - lane);
         }
-        if (sc_lane) cp_async4_s(sdst + nt * 2 * 16 * sizeof(T), sc_src[nt] + grp * 16);
+        if (need_sc && sc_lane) cp_async4_s(sdst + nt * 2 * 16 * sizeof(T), sc_src[nt] + grp * 16);
         wnext[nt] += CW;
       }
       knext += 64;
