@@ -14,7 +14,9 @@ or launch overhead. On the CPU (CI) the same step runs eagerly. Reported per var
   ``--reps`` runs of ``--new-tokens`` steps, each after a fresh prefill of a ``--prompt-len`` prompt),
 - time to first token: the eager prefill of one ``--prompt-len`` prompt (batch 1) + its argmax,
 - memory: checkpoint bytes of the model, GPU memory of the loaded model (flute: the kernel layout;
-  the canonical checkpoint tensors are in host memory by then), and the peak during each batch.
+  the canonical checkpoint tensors are in host memory by then), and the peak during each batch,
+- where a step's time goes: device time per step by kernel class (flute / cuBLAS / attention /
+  other), from ``torch.profiler`` over a few eager steps (:func:`step_breakdown`).
 
     python benchmarks/e2e.py                        # llama3-8b, dense,nf4g64,w3g64, batch 1,8,32
     python benchmarks/e2e.py --compile --batches 1  # + torch.compile of the step: e2e_<gpu>_compiled.*
@@ -26,6 +28,7 @@ Writes ``benchmarks/results/e2e_<device>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import inspect
 import json
@@ -252,6 +255,44 @@ def time_ttft(m, prompt: torch.Tensor, reps: int) -> float:
     return statistics.median(times)
 
 
+# Kernel (CUDA) or operator (CPU) names -> the class a decode step's time is reported under.
+KERNEL_CLASSES = [
+    ("flute", re.compile(r"lut_gemm|lut_wgmma|dequant_kernel|flute", re.I)),
+    ("gemm", re.compile(r"gemm|gemv|cutlass|xmma|cublas|aten::(mm|addmm|bmm|linear|matmul)$", re.I)),
+    ("attention", re.compile(r"attention|attn|flash|fmha|sdpa|softmax", re.I)),
+]
+
+
+def kernel_class(name: str) -> str:
+    return next((cls for cls, pat in KERNEL_CLASSES if pat.search(name)), "other")
+
+
+def step_breakdown(dec: StaticDecoder, prompt: torch.Tensor, steps: int) -> dict[str, float]:
+    """Milliseconds per decode step by kernel class (:data:`KERNEL_CLASSES`): on CUDA the device
+    time of the kernels, on the CPU the self time of the operators, from ``torch.profiler`` over
+    ``steps`` eager steps after a fresh prefill (a graph replay hides its kernels from the
+    profiler; the kernels are the same). Says what a step's time goes to beyond the GEMMs."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = dec.ids.device.type == "cuda"
+    dec.reset()
+    dec.prefill(prompt)
+    _sync(dec.ids.device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            dec.step()
+        _sync(dec.ids.device)
+    totals: collections.Counter = collections.Counter()
+    for e in prof.key_averages():
+        if cuda and e.device_type != DeviceType.CUDA:
+            continue
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+            else e.self_cpu_time_total
+        totals[kernel_class(e.key)] += us
+    return {cls: round(us / 1e3 / steps, 3) for cls, us in sorted(totals.items())}
+
+
 def free_memory(device: torch.device) -> None:
     """Release what a finished variant / batch left: compiled graphs, cycles, the allocator's cache."""
     torch._dynamo.reset()
@@ -296,11 +337,13 @@ def run_variant(args, variant: str, device: torch.device, dtype: torch.dtype, ba
                 check_graph(dec, ids, min(8, args.new_tokens), f"{variant} batch {b}")
             s = time_decode(dec, ids, args.new_tokens, args.reps)
             peak = torch.cuda.max_memory_allocated(device) - base if cuda else None
+            breakdown = step_breakdown(dec, ids, min(8, args.new_tokens))
             del dec
             rec = dict(device=args.device_name, model=args.model, variant=variant, dtype=str(dtype).split(".")[-1],
                        method=method, batch=b, new_tokens=args.new_tokens, decode_tok_s=round(b / s, 2),
                        ms_per_step=round(1e3 * s, 3), prompt_len=args.prompt_len, ttft_ms=round(ttft * 1e3, 2),
-                       model_gb=_gb(model_bytes(m)), loaded_gb=_gb(loaded), peak_gb=_gb(peak))
+                       model_gb=_gb(model_bytes(m)), loaded_gb=_gb(loaded), peak_gb=_gb(peak),
+                       step_breakdown_ms=breakdown)
             records.append(rec)
             on_record(rec)
             print(f"  {variant:7s} batch {b:3d}: {rec['decode_tok_s']:9.1f} tok/s  {rec['ms_per_step']:8.3f} ms/step  "
@@ -337,6 +380,18 @@ def write_results(records: list[dict], out_dir: Path, name: str, suffix: str = "
                      f"{r['speedup_vs_dense'] or '':} | {r['ms_per_step']:.3f} | {r['ttft_ms']:.1f} ({r['prompt_len']}) | "
                      f"{r['model_gb']} | {r['loaded_gb'] if r['loaded_gb'] is not None else ''} | "
                      f"{r['peak_gb'] if r['peak_gb'] is not None else ''} |")
+    classes = sorted({c for r in records for c in r.get("step_breakdown_ms") or {}})
+    if classes:
+        unit = "device" if records[0]["device"] != "cpu" else "CPU operator"
+        lines += ["", f"{unit} time per decode step by kernel class, ms (torch.profiler over eager steps; "
+                  "`flute`: our kernels, `gemm`: cuBLAS incl. lm_head, `other`: norms, rotary, cache writes, "
+                  "elementwise, sampling):", "",
+                  "| variant | batch | " + " | ".join(classes) + " | sum | ms/step |",
+                  "|---|---|" + "---|" * (len(classes) + 2)]
+        for r in records:
+            b = r.get("step_breakdown_ms") or {}
+            lines.append(f"| {r['variant']} | {r['batch']} | " + " | ".join(f"{b.get(c, 0):.3f}" for c in classes)
+                         + f" | {sum(b.values()):.3f} | {r['ms_per_step']:.3f} |")
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return path
 

@@ -56,6 +56,22 @@ def test_e2e_benchmark_runs_on_cpu(tmp_path):
     # packed 4-bit / 3-bit projections: the quantized models hold fewer bytes than the dense one
     assert by[("w3g64", 1)]["model_gb"] < by[("nf4g64", 1)]["model_gb"] < by[("dense", 1)]["model_gb"]
     assert "eager" in (tmp_path / "e2e_cpu.md").read_text().splitlines()[0]
+    # where a step's time goes: the dense model's projections are GEMMs, the flute models' are our op
+    for (variant, _), r in by.items():
+        b = r["step_breakdown_ms"]
+        assert sum(b.values()) > 0 and b.get("other", 0) > 0
+        assert ("flute" in b) == (variant != "dense"), (variant, b)
+        assert b.get("gemm", 0) > 0  # dense projections, or the unquantized lm_head
+    assert "time per decode step by kernel class" in (tmp_path / "e2e_cpu.md").read_text()
+
+
+def test_kernel_classes():
+    assert e2e.kernel_class("void lut_gemm_kernel<4, 1, 2, 8, __half>(GemmParams)") == "flute"
+    assert e2e.kernel_class("flute_vllm::gemm") == "flute"
+    assert e2e.kernel_class("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize64x64x64") == "gemm"
+    assert e2e.kernel_class("aten::mm") == "gemm"
+    assert e2e.kernel_class("aten::scaled_dot_product_attention") == "attention"
+    assert e2e.kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
 
 
 def test_static_decoder_continues_the_prompt_as_generate_does():
