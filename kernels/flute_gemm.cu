@@ -66,8 +66,9 @@
 #define FLUTE_LUT_X_AHEAD_MT 2  // 4-bit kernels with MT == this load the activation fragments one chunk ahead
                                 // (v11: M = 16 large layers 3-9% faster; at MT = 1 the 8-warp kernel spills; 0: none)
 #endif
-// FLUTE_LUT_MT1_TILES / FLUTE_LUT_MT2_TILES (flute_kernel.h): weight tiles per warp at MT = 1 / 2.
+// FLUTE_LUT_MT1_TILES / MT2_TILES / MT4_TILES (flute_kernel.h): weight tiles per warp at MT = 1 / 2 / 4.
 // 2 tiles amortise the per-chunk ring, activation-load and loop work over two tiles (v9 at MT = 1).
+// FLUTE_LUT_WIDE_MAX_MT (flute_kernel.h): the largest MT with 8-warp CTAs (2; 4 is an experiment).
 static_assert((FLUTE_LUT_STAGES & (FLUTE_LUT_STAGES - 1)) == 0 && FLUTE_LUT_STAGES >= 2,
               "FLUTE_LUT_STAGES must be a power of two >= 2");
 
