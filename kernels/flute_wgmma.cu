@@ -161,45 +161,33 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   const int sc_h = (lane >> 3) & 1;
 
 #if FLUTE_WGMMA_RUNNING_PTRS
-  // Experiment: per-thread sources computed once and advanced by one chunk per issue (chunks are
-  // issued in order, each once), instead of the row clamp and 64-bit address math every chunk.
+  // Experiment: the next chunk's sources kept per thread and advanced by one chunk per issue
+  // (chunks are issued in order, each once), instead of the row clamp and 64-bit address math.
   const T* x_next[BN / 32];
 #pragma unroll
   for (int j = 0; j < BN / 32; ++j) x_next[j] = x + (size_t)min(m0 + x_row0 + 32 * j, p.M - 1) * kp_row + (cb << 6);
   const uint32_t* w_next = wsrc + (size_t)cb * CW;
   int k_next = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
-  auto issue = [&](int, int st) {
-    const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
-#pragma unroll
-    for (int j = 0; j < BN / 32; ++j) {
-      cp_async16_s(xd + j * 4096, x_next[j]);
-      x_next[j] += 64;
-    }
-    const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
-    if constexpr (BITS == 4) {
-      cp_async16_s(wd + 16 * lane, w_next);
-    } else {
-      cp_async8_s(wd + 8 * lane, w_next);
-      if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, w_next + 64 - lane);
-    }
-    w_next += CW;
-    if (lane < 16) {
-      const uint32_t grp16 = (uint32_t)min(k_next >> gshift, ngroups - 1) * 16u;
-      const uint32_t sd = sbase + st * Smem::kStage + Smem::kX + Smem::kW + (warp * 2 + sc_h) * 16 * sizeof(T) + 4 * (lane & 7);
-      cp_async4_s(sd, sc_src + grp16);
-    }
-    k_next += 64;
-  };
-#else
+#endif
   auto issue = [&](int cc, int st) {
     const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
 #pragma unroll
     for (int j = 0; j < BN / 32; ++j) {
+#if FLUTE_WGMMA_RUNNING_PTRS
+      cp_async16_s(xd + j * 4096, x_next[j]);
+      x_next[j] += 64;
+#else
       const int row = min(m0 + x_row0 + 32 * j, p.M - 1);
       cp_async16_s(xd + j * 4096, x + (size_t)row * kp_row + (cc << 6));
+#endif
     }
     const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
+#if FLUTE_WGMMA_RUNNING_PTRS
+    const uint32_t* src = w_next;
+    w_next += CW;
+#else
     const uint32_t* src = wsrc + (size_t)cc * CW;
+#endif
     if constexpr (BITS == 4) {
       cp_async16_s(wd + 16 * lane, src);
     } else {
@@ -207,12 +195,18 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
       if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, src + 64 - lane);
     }
     if (lane < 16) {
+#if FLUTE_WGMMA_RUNNING_PTRS
+      const int grp = min(k_next >> gshift, ngroups - 1);
+#else
       const int grp = min(((cc << 6) + 32 * sc_h) >> gshift, ngroups - 1);
+#endif
       const uint32_t sd = sbase + st * Smem::kStage + Smem::kX + Smem::kW + (warp * 2 + sc_h) * 16 * sizeof(T) + 4 * (lane & 7);
       cp_async4_s(sd, sc_src + grp * 16);
     }
-  };
+#if FLUTE_WGMMA_RUNNING_PTRS
+    k_next += 64;
 #endif
+  };
 
   ByteTable tb;
   {
