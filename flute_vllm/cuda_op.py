@@ -199,7 +199,7 @@ def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: in
     if scales.dtype in (torch.float16, torch.bfloat16) and not torch.cuda.is_current_stream_capturing():
         dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
         for mt in (1, 2, 4, 8):
-            for w in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) if mt <= 2 else (WARPS_PER_CTA,):
+            for w in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) if wide_ok(mt) else (WARPS_PER_CTA,):
                 _ctas_per_sm(bits, mt, str(scales.dtype).split(".")[-1], dev_index, w)
         tc_available(dev_index)
     return qweight_k, scales_k, tables_k
@@ -309,6 +309,7 @@ def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits
 
 
 @lru_cache(maxsize=None)
+@lru_cache(maxsize=None)  # a property of the loaded build: asked once, not on every gemm call
 def rows_per_cta(m_tiles: int, warps: int = WARPS_PER_CTA) -> int:
     """Output rows per CTA of the mma.sync kernel (16 x weight tiles per warp x warps): the built
     extension's gemm_rows_per_cta on CUDA (a kernel experiment's build may change it), else the
@@ -318,6 +319,7 @@ def rows_per_cta(m_tiles: int, warps: int = WARPS_PER_CTA) -> int:
     return TILE_N * N_TILES_PER_WARP[m_tiles] * warps
 
 
+@lru_cache(maxsize=None)
 def wide_ok(m_tiles: int) -> bool:
     """Whether 8-warp CTAs exist for ``m_tiles``: the built extension's gemm_wide_ok on CUDA (an
     experiment build may widen it), else kernels/flute_kernel.h's default (m_tiles <= 2)."""
