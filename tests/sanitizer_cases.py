@@ -28,7 +28,7 @@ for bits in (2, 3, 4):
         ref = x.float() @ w.T
         runs = [dict(force_path="lut"), dict(force_path="lut", splits=3), dict(force_path="dense"),
                 dict(force_path="dense", slab_bytes=64 * k * 2)]
-        if cuda_op.m_tiles_for(m) <= 2:
+        if cuda_op.wide_ok(cuda_op.m_tiles_for(m)):
             runs += [dict(force_path="lut", warps=8), dict(force_path="lut", warps=8, splits=3)]
         if cuda_op.tc_available(0):
             runs += [dict(force_path="tc", block_m=b, splits=s) for b in (64, 128, 256) for s in (1, 4)]
