@@ -495,16 +495,26 @@ def dense_gemm(x, qweight, scales, tables, bits, group_size, k, slab_bytes: Opti
     return out
 
 
-def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, nk: Optional[int] = None) -> str:
+def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, nk: Optional[int] = None,
+                k: Optional[int] = None) -> str:
     """``lut`` (mma.sync decode kernel), ``tc`` (sm_90a wgmma kernel) or ``dense`` (dequantize + cuBLAS).
 
     In the tensor-core M range, small layers (N * K <= ``tc_dense_max_nk``) go dense instead: their
     weights dequantize in a few microseconds and cuBLAS beats both LUT kernels on them (H200, M=64:
-    8B o 4096 x 4096 dense 21.3 us, wgmma 22.8 us, mma.sync 26.2 us).
+    8B o 4096 x 4096 dense 21.3 us, wgmma 22.8 us, mma.sync 26.2 us). Layers with K >=
+    ``tc_long_k_min_k`` and N >= ``tc_long_k_min_n`` keep the tensor-core path up to
+    ``tc_long_k_max_m`` (optional keys): the wgmma kernel's fixed costs amortise over a long K and
+    many CTAs, so it beats dequantize + cuBLAS there at larger M (H200, M=256: 70B gate_up 540 vs
+    653 us, 70B down 253 vs 340 us; but 8B gate_up, K=4096, 224 vs 169 us and 70B qkv/tp2,
+    N=5120, 73 vs 66 us).
     """
     if dtype == torch.float32:
         return "dense"
-    if cfg["tc_min_m"] <= m <= cfg["tc_max_m"] and tc_available(device_index):
+    tc_max_m = cfg["tc_max_m"]
+    n = nk // k if nk is not None and k else None
+    if n is not None and k >= cfg.get("tc_long_k_min_k", float("inf")) and n >= cfg.get("tc_long_k_min_n", 0):
+        tc_max_m = max(tc_max_m, cfg["tc_long_k_max_m"])
+    if cfg["tc_min_m"] <= m <= tc_max_m and tc_available(device_index):
         return "dense" if nk is not None and nk <= cfg.get("tc_dense_max_nk", 0) else "tc"
     return "dense" if m >= cfg["dequant_min_m"] else "lut"
 
@@ -526,7 +536,7 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         return x.new_empty((0, n))
     dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     cfg = device_config(dev_index)
-    path = force_path or choose_path(m, x.dtype, cfg, dev_index, n * k)
+    path = force_path or choose_path(m, x.dtype, cfg, dev_index, n * k, k)
     if path == "tc":
         if not tc_available(dev_index):
             _fail("the tensor-core path needs an sm_90 (Hopper) GPU and a build for sm_90a")

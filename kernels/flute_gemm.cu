@@ -51,12 +51,6 @@
 #ifndef FLUTE_LUT_WIDE_MT2_MIN_BLOCKS
 #define FLUTE_LUT_WIDE_MT2_MIN_BLOCKS 2  // 8-warp CTAs at MT = 2 (2: 128 registers)
 #endif
-#ifndef FLUTE_LUT_SLOT_UNROLL
-#define FLUTE_LUT_SLOT_UNROLL 0  // experiment: chunk loop unrolled by the ring depth (constant ring slots)
-#endif
-#ifndef FLUTE_LUT_LAZY_SCALES
-#define FLUTE_LUT_LAZY_SCALES 0  // experiment: copy group scales only for the chunks whose flush reads them
-#endif
 #ifndef FLUTE_LUT_FOLD_MIN_MT
 #define FLUTE_LUT_FOLD_MIN_MT 99  // experiment: MT >= this folds the group scales into the decoded weights
                                   // (HMUL2, one more rounding) and accumulates straight into acc: no
@@ -193,26 +187,10 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     int knext = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
     const int last_half = half_last ? nch - 1 : 0x7fffffff;
 
-#if FLUTE_LUT_LAZY_SCALES
-    int iss_in_group = in_group;  // the consumer's group counter below, run ahead on the issue side
-#endif
     auto issue = [&](uint32_t slot) {
       const uint32_t wdst = sw_lane + slot * SLOT_W;
       const uint32_t sdst = ss_lane + slot * SLOT_S;
       const int grp = min(knext >> gshift, ngroups - 1);
-#if FLUTE_LUT_LAZY_SCALES
-      // Experiment: the flush reads a slot's scales only at a group's last chunk in this split (every
-      // chunk for G == 32 or folded scales), so copy them for those chunks only.
-      bool need_sc = true;
-      if constexpr (!FOLD) {
-        if (!g32) {
-          need_sc = ++iss_in_group == cpg || (knext >> 6) == ce - 1;
-          if (need_sc) iss_in_group = 0;
-        }
-      }
-#else
-      constexpr bool need_sc = true;
-#endif
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         if constexpr (BITS == 4) {
@@ -221,7 +199,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
           cp_async8_s(wdst + nt * CW * 4, wnext[nt]);
           if constexpr (BITS == 3) cp_async4_s(wdst + nt * CW * 4 + 256 - 4 * lane, wnext[nt] + 64 - lane);
         }
-        if (need_sc && sc_lane) cp_async4_s(sdst + nt * 2 * 16 * sizeof(T), sc_src[nt] + grp * 16);
+        if (sc_lane) cp_async4_s(sdst + nt * 2 * 16 * sizeof(T), sc_src[nt] + grp * 16);
         wnext[nt] += CW;
       }
       knext += 64;
@@ -280,20 +258,9 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
         }
       };
       if constexpr (XA) load_x(xa_n, xb_n, cb == last_half);
-#if FLUTE_LUT_SLOT_UNROLL
-      // Experiment: unrolled by the ring depth, chunk c0 + u is in ring slot u, so every ring
-      // address is a constant offset from the lane's base registers (no slot arithmetic per chunk).
-      for (int c0 = cb; c0 < ce; c0 += STAGES) {
-#pragma unroll
-        for (int u = 0; u < STAGES; ++u) {
-        const int cc = c0 + u;
-        if (cc >= ce) break;
-        const uint32_t slot = u;
-#else
       uint32_t slot = 0;
 #pragma unroll 2
       for (int cc = cb; cc < ce; ++cc) {
-#endif
         cp_async_wait<STAGES - 2>();  // chunk cc has landed (this lane's copies)
         __syncwarp();                  // ... and every lane's; everyone is done with the previous slot
         if (cc + STAGES - 1 < ce) issue((slot + STAGES - 1) & (STAGES - 1));
@@ -377,13 +344,8 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
             in_group = 0;
           }
         }
-#if FLUTE_LUT_SLOT_UNROLL
-        }
-      }
-#else
         slot = (slot + 1) & (STAGES - 1);
       }
-#endif
     };
     if (warp_work) {
       bool pair_all = true;

@@ -37,9 +37,6 @@ constexpr int kWgmmaWarps = 8;    // 2 warpgroups
 // Ring depth per BN (shared memory ~104 / 105 / 190 KB: 2 / 2 / 1 CTAs per SM): STAGES - 2 chunks are in flight ahead of
 // the one consumed, which is what keeps HBM busy when the kernel is memory bound (small M).
 // 4-bit kernels also hold the 16 KB pair table, so they get one stage less where that keeps 2 CTAs/SM.
-#ifndef FLUTE_WGMMA_RUNNING_PTRS
-#define FLUTE_WGMMA_RUNNING_PTRS 0  // experiment: ring-refill sources as running pointers (see issue())
-#endif
 
 template <int BITS, int BN> struct WgmmaStages {
   static constexpr int value = BN == 64 ? (BITS == 4 ? 7 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
@@ -160,52 +157,38 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   const T* sc_src = scales + (size_t)tile * ngroups * 16 + 2 * (lane & 7);
   const int sc_h = (lane >> 3) & 1;
 
-#if FLUTE_WGMMA_RUNNING_PTRS
-  // Experiment: the next chunk's sources kept per thread and advanced by one chunk per issue
-  // (chunks are issued in order, each once), instead of the row clamp and 64-bit address math.
-  const T* x_next[BN / 32];
+  // The next chunk's sources, kept per thread and advanced by one chunk per issue (chunks are
+  // issued in order, each once) instead of a row clamp and 64-bit address math per chunk: v12,
+  // 8-11% fewer loop instructions, H200 tc path 1.12x faster over M = 64-4096 (kernels/NOTES.md).
+  // Activation rows x_row0 + 32 j (clamped to M - 1) as 32-bit offsets from row x_row0: one
+  // running pointer instead of BN / 32 (64-bit pointers made BN = 128 spill).
+  const int x_row_first = min(m0 + x_row0, p.M - 1);
+  const T* x_next = x + (size_t)x_row_first * kp_row + (cb << 6);
+  uint32_t x_off[BN / 32];  // x_off[0] == 0 (kept for the loop's uniformity; ptxas drops it)
+  x_off[0] = 0;
 #pragma unroll
-  for (int j = 0; j < BN / 32; ++j) x_next[j] = x + (size_t)min(m0 + x_row0 + 32 * j, p.M - 1) * kp_row + (cb << 6);
+  for (int j = 1; j < BN / 32; ++j) x_off[j] = (uint32_t)(min(m0 + x_row0 + 32 * j, p.M - 1) - x_row_first) * (uint32_t)kp_row;
   const uint32_t* w_next = wsrc + (size_t)cb * CW;
   int k_next = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
-#endif
-  auto issue = [&](int cc, int st) {
+  auto issue = [&](int st) {
     const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
 #pragma unroll
-    for (int j = 0; j < BN / 32; ++j) {
-#if FLUTE_WGMMA_RUNNING_PTRS
-      cp_async16_s(xd + j * 4096, x_next[j]);
-      x_next[j] += 64;
-#else
-      const int row = min(m0 + x_row0 + 32 * j, p.M - 1);
-      cp_async16_s(xd + j * 4096, x + (size_t)row * kp_row + (cc << 6));
-#endif
-    }
+    for (int j = 0; j < BN / 32; ++j) cp_async16_s(xd + j * 4096, x_next + x_off[j]);
+    x_next += 64;
     const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
-#if FLUTE_WGMMA_RUNNING_PTRS
-    const uint32_t* src = w_next;
-    w_next += CW;
-#else
-    const uint32_t* src = wsrc + (size_t)cc * CW;
-#endif
     if constexpr (BITS == 4) {
-      cp_async16_s(wd + 16 * lane, src);
+      cp_async16_s(wd + 16 * lane, w_next);
     } else {
-      cp_async8_s(wd + 8 * lane, src);
-      if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, src + 64 - lane);
+      cp_async8_s(wd + 8 * lane, w_next);
+      if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, w_next + 64 - lane);
     }
+    w_next += CW;
     if (lane < 16) {
-#if FLUTE_WGMMA_RUNNING_PTRS
       const int grp = min(k_next >> gshift, ngroups - 1);
-#else
-      const int grp = min(((cc << 6) + 32 * sc_h) >> gshift, ngroups - 1);
-#endif
       const uint32_t sd = sbase + st * Smem::kStage + Smem::kX + Smem::kW + (warp * 2 + sc_h) * 16 * sizeof(T) + 4 * (lane & 7);
       cp_async4_s(sd, sc_src + grp * 16);
     }
-#if FLUTE_WGMMA_RUNNING_PTRS
     k_next += 64;
-#endif
   };
 
   ByteTable tb;
@@ -236,7 +219,7 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
 #pragma unroll
   for (int st = 0; st < PD; ++st) {
     if (cb + st < ce) {
-      issue(cb + st, st);
+      issue(st);
       mbar_arrive_cp_async(full0 + 8 * st);
     }
   }
@@ -267,7 +250,7 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
     if (cc + PD < ce) {
       mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's last chunk
-      issue(cc + PD, ld);
+      issue(ld);
       mbar_arrive_cp_async(full0 + 8 * ld);
     }
     if (++ld == STAGES) { ld = 0; ld_phase ^= 1; }

@@ -480,8 +480,8 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
 def test_kernels_compile_with_nvcc_cpu(tmp_path):
     """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build (and flute_gemm.cu with
-    its experiment knobs changed); the wgmma kernels neither spill nor get their MMAs serialised by
-    ptxas (warning C7513)."""
+    its experiment knobs changed); the wgmma kernels neither spill (one measured 4-byte exception) nor
+    get their MMAs serialised by ptxas (warning C7513)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from flute_vllm import _build
@@ -492,12 +492,11 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
              "-DFLUTE_LUT_MT1_TILES=1", "-DFLUTE_LUT_MT2_TILES=1", "-DFLUTE_LUT_MT2_MIN_BLOCKS=7",
              "-DFLUTE_LUT_W2_QUAD_STEPS=5", "-DFLUTE_LUT_X_AHEAD_MT=1",
              "-DFLUTE_LUT_WIDE_MT1_MIN_BLOCKS=2", "-DFLUTE_LUT_WIDE_MT2_MIN_BLOCKS=3",
-             "-DFLUTE_LUT_SLOT_UNROLL=1", "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
-             "-DFLUTE_LUT_WIDE_MAX_MT=4", "-DFLUTE_LUT_LAZY_SCALES=1"]
+             "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
+             "-DFLUTE_LUT_WIDE_MAX_MT=4"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
-    jobs["flute_wgmma.cu+knobs"] = ("flute_wgmma.cu", ["-DFLUTE_WGMMA_RUNNING_PTRS=1"], ["-gencode=arch=compute_90a,code=sm_90a"])
 
     def compile_one(item):
         name, (src, extra, archs) = item
@@ -515,7 +514,11 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     entries = re.findall(r"Compiling entry function '([^']*lut_wgmma_kernel[^']*)' for 'sm_90a'\n.*\n\s*(\d+) bytes stack frame, "
                          r"(\d+) bytes spill stores", log)
     assert len(entries) == 18, log[-2000:]  # bits 2/3/4 x BN 64/128/256 x fp16/bf16
-    assert all(stores == "0" for _, _, stores in entries), entries
+    # One exception, measured: 4-bit BN=128 (128-register cap for 2 CTAs/SM) keeps one 4-byte value
+    # on the stack (an L1-resident LDL per chunk refill); v12's running-pointer refill is still
+    # 1.12x faster on the tc path (an earlier form spilled 20 B; kernels/NOTES.md v12).
+    allowed = {name: 4 if "lut_wgmma_kernelILi4ELi128E" in name else 0 for name, _, _ in entries}
+    assert all(int(stores) <= allowed[name] for name, _, stores in entries), entries
 
 
 def test_dense_path_row_slabs_cpu(monkeypatch):

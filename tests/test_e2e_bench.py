@@ -70,6 +70,7 @@ def test_kernel_classes():
     assert e2e.kernel_class("flute_vllm::gemm") == "flute"
     assert e2e.kernel_class("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize64x64x64") == "gemm"
     assert e2e.kernel_class("aten::mm") == "gemm"
+    assert e2e.kernel_class("nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_TNT") == "gemm"  # cuBLAS 12.8+ on Hopper
     assert e2e.kernel_class("aten::scaled_dot_product_attention") == "attention"
     assert e2e.kernel_class("void at::native::vectorized_elementwise_kernel<4, ...>") == "other"
 
