@@ -52,19 +52,29 @@ struct GemmParams {
 #ifndef FLUTE_LUT_MT4_TILES
 #define FLUTE_LUT_MT4_TILES 2
 #endif
+// Wide CTAs at m_tiles = 4 (only built when FLUTE_LUT_WIDE_MAX_MT >= 4): one weight tile per warp,
+// scales folded into the decoded weights (no per-group partials), so they fit 128 registers.
+#ifndef FLUTE_LUT_WIDE_MT4_TILES
+#define FLUTE_LUT_WIDE_MT4_TILES 1
+#endif
 // Tiles of 16 output rows handled by one warp for a given m_tiles (the kernel's NT parameter).
 constexpr int gemm_n_tiles_per_warp(int m_tiles) {
   return m_tiles == 1 ? FLUTE_LUT_MT1_TILES : m_tiles == 2 ? FLUTE_LUT_MT2_TILES : m_tiles == 4 ? FLUTE_LUT_MT4_TILES : 1;
 }
+// ... and for a given CTA width (wide CTAs differ at m_tiles = 4 only).
+constexpr int gemm_n_tiles_per_warp(int m_tiles, int warps) {
+  return warps == kWideWarpsPerCta && m_tiles == 4 ? FLUTE_LUT_WIDE_MT4_TILES : gemm_n_tiles_per_warp(m_tiles);
+}
 // Wide CTAs (kWideWarpsPerCta warps sharing one conflict-free 32 KB pair table) exist for
 // m_tiles <= FLUTE_LUT_WIDE_MAX_MT (2; 4 is an experiment knob); the caller picks them per layer
-// (cuda_op.warps_for: large N*K, where the L1/shared pipe is the limit).
+// (cuda_op.warps_for: at m_tiles <= 2 large N*K, where the L1/shared pipe is the limit; at
+// m_tiles = 4 small N*K, where 4-warp CTAs are too few).
 #ifndef FLUTE_LUT_WIDE_MAX_MT
 #define FLUTE_LUT_WIDE_MAX_MT 2
 #endif
 constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= FLUTE_LUT_WIDE_MAX_MT; }
 // Output rows per CTA, and CTAs along N, for a given N, m_tiles and warps per CTA.
-constexpr int gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles) * warps; }
+constexpr int gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles, warps) * warps; }
 inline int gemm_grid_x(int N, int m_tiles, int warps) {
   return (N + gemm_rows_per_cta(m_tiles, warps) - 1) / gemm_rows_per_cta(m_tiles, warps);
 }

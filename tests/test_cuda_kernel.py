@@ -433,10 +433,15 @@ def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
     assert int(re.search(r"#define FLUTE_LUT_WIDE_MAX_MT (\d+)", header).group(1)) == cuda_op.WIDE_MAX_M_TILES
     if not torch.cuda.is_available():
         assert [cuda_op.wide_ok(m) for m in (1, 2, 4, 8)] == [True, True, False, False]
-    assert "gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles) * warps; }" in header
+    wide_mt4 = int(re.search(r"#define FLUTE_LUT_WIDE_MT4_TILES (\d+)", header).group(1))
+    assert wide_mt4 == cuda_op.WIDE_MT4_TILES
+    assert ("return warps == kWideWarpsPerCta && m_tiles == 4 ? FLUTE_LUT_WIDE_MT4_TILES : "
+            "gemm_n_tiles_per_warp(m_tiles);") in header
+    assert "gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles, warps) * warps; }" in header
     if not torch.cuda.is_available():
         assert [cuda_op.rows_per_cta(m) for m in (1, 2, 4, 8)] == [16 * 4 * mt1, 16 * 4 * mt2, 16 * 4 * mt4, 64]
         assert cuda_op.rows_per_cta(1, 8) == 16 * 8 * mt1
+        assert cuda_op.rows_per_cta(4, 8) == 16 * 8 * wide_mt4
 
 
 def test_wide_ctas_only_where_configured_cpu():
@@ -456,6 +461,12 @@ def test_wide_ctas_only_where_configured_cpu():
     assert (wide["warps"], narrow["warps"]) == (8, 4) and wide["grid_x"] * 2 == narrow["grid_x"]
     with pytest.raises(ValueError, match="warps=8"):
         cuda_op.plan(64, 4096, 4096, cfg, m_tiles=8, warps=8)
+    # m_tiles 4: wide CTAs for SMALL layers, and only in a build that has them (wide_ok(4))
+    mt4 = {**cfg, "lut_wide_mt4_max_nk": 1 << 26}
+    assert cuda_op.warps_for(4, 4, 4096, 4096, mt4) == (8 if cuda_op.wide_ok(4) else 4)
+    assert cuda_op.warps_for(4, 4, 57344, 8192, mt4) == 4
+    assert cuda_op.warps_for(3, 4, 4096, 4096, mt4) == 4
+    assert cuda_op.warps_for(4, 8, 4096, 4096, mt4) == 4
 
 
 def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
@@ -493,7 +504,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
              "-DFLUTE_LUT_W2_QUAD_STEPS=5", "-DFLUTE_LUT_X_AHEAD_MT=1",
              "-DFLUTE_LUT_WIDE_MT1_MIN_BLOCKS=2", "-DFLUTE_LUT_WIDE_MT2_MIN_BLOCKS=3",
              "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
-             "-DFLUTE_LUT_WIDE_MAX_MT=4"]
+             "-DFLUTE_LUT_WIDE_MAX_MT=4", "-DFLUTE_LUT_WIDE_HOLE_RING=1"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
