@@ -150,6 +150,9 @@ def write_markdown(records, path, gpu):
              "`best` takes the fastest of ours per case. Speedup is vs cuBLAS `F.linear` in the same dtype, same run. "
              f"Roofline: {HBM_BW / 1e12:.2f} TB/s read bandwidth measured in the same run (4 GiB sum).",
              ""]
+    if not any(r["kernel"] == "humming" for r in records):
+        lines += ["**No humming-kernels rows in this run**: it was not importable (or failed) on this machine "
+                  "(the run log says why); install its wheel there (`.whl/` travels only when carried).", ""]
     best = best_flute(records)
     combos = sorted({(r["dtype"], r["bits"], r["group_size"]) for r in records})
     lines += ["## Geo-mean speedup vs cuBLAS over shapes", "",

@@ -114,12 +114,15 @@ def test_markdown_shows_a_humming_row_next_to_tinygemm(tmp_path):
     hum = rows[kerns.index("humming")]
     assert "8.0 (2.50x)" in hum and "8.0 (2.75x)" in hum
     assert any("`humming`" in ln for ln in lines)  # the kernel is described in the header
+    assert not any("No humming-kernels rows" in ln for ln in lines)
 
 
 def test_markdown_has_no_humming_row_without_records(tmp_path):
     recs = [_rec("cublas", 1, 20.0, 20.0), _rec("flute", 1, 7.0, 20.0)]
     kernel.write_markdown(recs, tmp_path / "t.md", "GPU")
-    assert not [ln for ln in (tmp_path / "t.md").read_text().splitlines() if "| humming |" in ln]
+    text = (tmp_path / "t.md").read_text()
+    assert not [ln for ln in text.splitlines() if "| humming |" in ln]
+    assert "No humming-kernels rows in this run" in text  # says so instead of leaving the reader to notice
 
 
 class _FakeLayer:
