@@ -111,3 +111,50 @@ def test_check_graph_rejects_a_replay_that_is_not_the_decode_step(capsys):
         dec.graph = Replay(stale_step)
         with pytest.raises(RuntimeError, match="does not replay the eager one"):
             e2e.check_graph(dec, prompt, 8, "stale step")
+
+
+@pytest.mark.parametrize("variant", ["dense", "nf4g64"])
+def test_gqa_decode_attention_equals_transformers_sdpa(variant):
+    """The benchmark's decode attention (query heads of one KV head as its query rows, no KV copy)
+    gives transformers' sdpa logits: prefill, then decode steps through a static cache."""
+    torch.manual_seed(0)
+    prompt = torch.randint(0, e2e.MODELS["tiny"]["vocab_size"], (2, 12))
+    logits = {}
+    for attention in e2e.ATTENTIONS:
+        m = e2e.build_model("tiny", variant, torch.device("cpu"), torch.float32, attention=attention)
+        assert m.config._attn_implementation == attention
+        dec = e2e.StaticDecoder(m, 2, prompt.shape[1], 3)
+        with torch.inference_mode():
+            dec.prefill(prompt)
+            steps = []
+            for _ in range(3):
+                dec.step()
+                steps.append(dec.ids.clone())
+        logits[attention] = torch.stack(steps)
+    assert torch.equal(logits["sdpa"], logits[e2e.GQA_DECODE_ATTENTION])
+
+
+def test_gqa_decode_attention_matches_sdpa_numerically():
+    """Direct check of the attention function against transformers' sdpa on random GQA tensors
+    with a padding mask (q_len 1), and that q_len > 1 falls through to transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Mod(torch.nn.Module):
+        num_key_value_groups = 4
+        is_causal = True
+
+    torch.manual_seed(0)
+    b, hkv, g, length, d = 3, 2, 4, 20, 16
+    k, v = torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    mask = torch.ones(b, 1, 1, length, dtype=torch.bool)
+    mask[:, :, :, 15:] = False  # unfilled static-cache positions
+    mask[1, :, :, :3] = False   # left padding of one sequence
+    q = torch.randn(b, hkv * g, 1, d)
+    ours, _ = e2e.sdpa_gqa_decode(Mod(), q, k, v, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(Mod(), q, k, v, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (b, 1, hkv * g, d)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    q2 = torch.randn(b, hkv * g, 5, d)
+    mask2 = torch.ones(b, 1, 5, length, dtype=torch.bool)
+    torch.testing.assert_close(e2e.sdpa_gqa_decode(Mod(), q2, k, v, mask2, scaling=0.25)[0],
+                               sdpa_attention_forward(Mod(), q2, k, v, mask2, scaling=0.25)[0])
