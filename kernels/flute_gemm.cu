@@ -61,6 +61,11 @@
                                     // (one PRMT per lookup instead of PRMT + IMAD) and the cp.async weight
                                     // ring in the free half of every entry's block (PairTableS256)
 #endif
+#ifndef FLUTE_LUT_X_AHEAD_HALF_MT
+#define FLUTE_LUT_X_AHEAD_HALF_MT 0  // experiment: 4-bit kernels with MT == this load only the first half of the next
+                                     // chunk's activation fragments ahead (4 registers per MT instead of 8: the
+                                     // MMA that stalls is the chunk's first, v12 ncu; 0: none)
+#endif
 #ifndef FLUTE_LUT_X_AHEAD_MT
 #define FLUTE_LUT_X_AHEAD_MT 2  // 4-bit kernels with MT == this load the activation fragments one chunk ahead
                                 // (v11: M = 16 large layers 3-9% faster; at MT = 1 the 8-warp kernel spills; 0: none)
@@ -278,6 +283,14 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
         }
       };
       if constexpr (XA) load_x(xa_n, xb_n, cb == last_half);
+      // XH: the first half (k-steps 0-1) of the next chunk's activations one chunk ahead, the second
+      // half at the chunk's start (first used at k-step 2).
+      constexpr bool XH = BITS == 4 && MT == FLUTE_LUT_X_AHEAD_HALF_MT && !XA;
+      uint4 xh_n[MT];
+      if constexpr (XH) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) xh_n[mt] = __ldg(reinterpret_cast<const uint4*>(xr[mt]));
+      }
       uint32_t slot = 0;
 #pragma unroll 2
       for (int cc = cb; cc < ce; ++cc) {
@@ -325,6 +338,14 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
             xb[mt] = xb_n[mt];
           }
           if (cc + 1 < ce) load_x(xa_n, xb_n, cc + 1 == last_half);
+        } else if constexpr (XH) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            xa[mt] = xh_n[mt];
+            xb[mt] = only_half ? make_uint4(0, 0, 0, 0) : __ldg(reinterpret_cast<const uint4*>(xr[mt] + 32));
+            if (cc + 1 < ce) xh_n[mt] = __ldg(reinterpret_cast<const uint4*>(xr[mt] + 64));
+            xr[mt] += 64;
+          }
         } else {
           load_x(xa, xb, only_half);
         }
