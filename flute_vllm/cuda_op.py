@@ -506,7 +506,7 @@ def dense_gemm(x, qweight, scales, tables, bits, group_size, k, slab_bytes: Opti
     return out
 
 
-def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, nk: Optional[int] = None,
+def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Optional[int] = None,
                 k: Optional[int] = None) -> str:
     """``lut`` (mma.sync decode kernel), ``tc`` (sm_90a wgmma kernel) or ``dense`` (dequantize + cuBLAS).
 
@@ -522,11 +522,11 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, nk: Op
     if dtype == torch.float32:
         return "dense"
     tc_max_m = cfg["tc_max_m"]
-    n = nk // k if nk is not None and k else None
-    if n is not None and k >= cfg.get("tc_long_k_min_k", float("inf")) and n >= cfg.get("tc_long_k_min_n", 0):
+    known = n is not None and k is not None  # the layer's shape (without it: the M thresholds alone)
+    if known and k >= cfg.get("tc_long_k_min_k", float("inf")) and n >= cfg.get("tc_long_k_min_n", 0):
         tc_max_m = max(tc_max_m, cfg["tc_long_k_max_m"])
     if cfg["tc_min_m"] <= m <= tc_max_m and tc_available(device_index):
-        return "dense" if nk is not None and nk <= cfg.get("tc_dense_max_nk", 0) else "tc"
+        return "dense" if known and n * k <= cfg.get("tc_dense_max_nk", 0) else "tc"
     return "dense" if m >= cfg["dequant_min_m"] else "lut"
 
 
@@ -547,7 +547,7 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         return x.new_empty((0, n))
     dev_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     cfg = device_config(dev_index)
-    path = force_path or choose_path(m, x.dtype, cfg, dev_index, n * k, k)
+    path = force_path or choose_path(m, x.dtype, cfg, dev_index, n, k)
     if path == "tc":
         if not tc_available(dev_index):
             _fail("the tensor-core path needs an sm_90 (Hopper) GPU and a build for sm_90a")

@@ -256,13 +256,17 @@ struct PairTableS256 {
   static constexpr int kHoleOffset = 128;  // where an entry's free 128 bytes start
 };
 
+// The lookup of byte j of w: offset bytes (lane4.b0, w.b[j], 0, 0), table = the table's base.
+__device__ __forceinline__ uint32_t pair_lookup_s256(uint32_t w, int j, uint32_t table, uint32_t lane4) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(table + prmt(w, lane4, 0x5504u | (j << 4))));
+  return v;
+}
+
 template <int S>
 __device__ __forceinline__ void decode_pair_s256(uint32_t w, uint32_t table, uint32_t lane4, uint32_t a[4]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t off = prmt(w, lane4, 0x5504u | (j << 4));  // bytes: lane4.b0, w.b[j], 0, 0
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(table + off));
-  }
+  for (int j = 0; j < 4; ++j) a[j] = pair_lookup_s256(w, j, table, lane4);
 }
 
 // The 2-bit quad table (an experiment, FLUTE_LUT_W2_QUAD_STEPS in flute_gemm.cu): in the 2-bit
@@ -316,10 +320,7 @@ __device__ __forceinline__ void decode_mixed(uint32_t w, uint32_t pair_lane, con
 
 __device__ __forceinline__ void decode_mixed_s256(uint32_t w, uint32_t table, uint32_t lane4, const ByteTable& tb, uint32_t a[4]) {
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const uint32_t off = prmt(w, lane4, 0x5504u | (j << 4));
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(table + off));
-  }
+  for (int j = 0; j < 2; ++j) a[j] = pair_lookup_s256(w, j, table, lane4);
   decode_high_regs(w, tb, a);
 }
 

@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     // (MT <= 2 only: the larger tiles are register-bound and would spill instead.)
     constexpr bool PIN = FLUTE_LUT_HOLD_ADDR && MT <= 2;
     const uint32_t sw_lane = hold_in_reg<PIN>(
-        HOLES ? smem_addr(s_pair) + (uint32_t)((warp * STAGES * NT * 4 + (lane >> 3)) * PairTableS256::kEntryBytes +
-                                               PairTableS256::kHoleOffset + 16 * (lane & 7))
+        HOLES ? pair_base + (uint32_t)((warp * STAGES * NT * 4 + (lane >> 3)) * PairTableS256::kEntryBytes +
+                                       PairTableS256::kHoleOffset + 16 * (lane & 7))
               : smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
     const bool sc_lane = lane < (g32 ? 16 : 8);
     const int sc_h = lane >> 3;

@@ -37,7 +37,6 @@ constexpr int kWgmmaWarps = 8;    // 2 warpgroups
 // Ring depth per BN (shared memory ~104 / 105 / 190 KB: 2 / 2 / 1 CTAs per SM): STAGES - 2 chunks are in flight ahead of
 // the one consumed, which is what keeps HBM busy when the kernel is memory bound (small M).
 // 4-bit kernels also hold the 16 KB pair table, so they get one stage less where that keeps 2 CTAs/SM.
-
 template <int BITS, int BN> struct WgmmaStages {
   static constexpr int value = BN == 64 ? (BITS == 4 ? 7 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
 };

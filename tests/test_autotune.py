@@ -82,20 +82,20 @@ def test_choose_path_by_m_dtype_and_layer_size(monkeypatch):
     cfg = {"tc_min_m": 33, "tc_max_m": 192, "dequant_min_m": 65, "tc_dense_max_nk": 4096 * 4096}
     monkeypatch.setattr(cuda_op, "tc_available", lambda dev: True)
     f16 = cuda_op.torch.float16
-    assert cuda_op.choose_path(16, f16, cfg, 0, 28672 * 4096) == "lut"
-    assert cuda_op.choose_path(64, f16, cfg, 0, 28672 * 4096) == "tc"
-    assert cuda_op.choose_path(64, f16, cfg, 0, 4096 * 2048) == "dense"  # small layer: cuBLAS wins
-    assert cuda_op.choose_path(256, f16, cfg, 0, 28672 * 4096) == "dense"
-    assert cuda_op.choose_path(4, cuda_op.torch.float32, cfg, 0, 64) == "dense"
+    assert cuda_op.choose_path(16, f16, cfg, 0, 28672, 4096) == "lut"
+    assert cuda_op.choose_path(64, f16, cfg, 0, 28672, 4096) == "tc"
+    assert cuda_op.choose_path(64, f16, cfg, 0, 4096, 2048) == "dense"  # small layer: cuBLAS wins
+    assert cuda_op.choose_path(256, f16, cfg, 0, 28672, 4096) == "dense"
+    assert cuda_op.choose_path(4, cuda_op.torch.float32, cfg, 0, 64, 64) == "dense"
     # long-K layers keep the wgmma path up to tc_long_k_max_m (when the config has the keys)
-    assert cuda_op.choose_path(256, f16, cfg, 0, 28672 * 8192, 8192) == "dense"
+    assert cuda_op.choose_path(256, f16, cfg, 0, 28672, 8192) == "dense"
     long_k = {**cfg, "tc_long_k_min_k": 8192, "tc_long_k_min_n": 8192, "tc_long_k_max_m": 256}
-    assert cuda_op.choose_path(256, f16, long_k, 0, 28672 * 8192, 8192) == "tc"
-    assert cuda_op.choose_path(256, f16, long_k, 0, 8192 * 8192, 8192) == "tc"
-    assert cuda_op.choose_path(257, f16, long_k, 0, 28672 * 8192, 8192) == "dense"
-    assert cuda_op.choose_path(256, f16, long_k, 0, 28672 * 4096, 4096) == "dense"  # short K
-    assert cuda_op.choose_path(256, f16, long_k, 0, 5120 * 8192, 8192) == "dense"  # narrow N
-    assert cuda_op.choose_path(16, f16, long_k, 0, 28672 * 8192, 8192) == "lut"
+    assert cuda_op.choose_path(256, f16, long_k, 0, 28672, 8192) == "tc"
+    assert cuda_op.choose_path(256, f16, long_k, 0, 8192, 8192) == "tc"
+    assert cuda_op.choose_path(257, f16, long_k, 0, 28672, 8192) == "dense"
+    assert cuda_op.choose_path(256, f16, long_k, 0, 28672, 4096) == "dense"  # short K
+    assert cuda_op.choose_path(256, f16, long_k, 0, 5120, 8192) == "dense"  # narrow N
+    assert cuda_op.choose_path(16, f16, long_k, 0, 28672, 8192) == "lut"
     monkeypatch.setattr(cuda_op, "tc_available", lambda dev: False)  # not Hopper
-    assert cuda_op.choose_path(64, f16, cfg, 0, 28672 * 4096) == "lut"
-    assert cuda_op.choose_path(65, f16, cfg, 0, 28672 * 4096) == "dense"
+    assert cuda_op.choose_path(64, f16, cfg, 0, 28672, 4096) == "lut"
+    assert cuda_op.choose_path(65, f16, cfg, 0, 28672, 4096) == "dense"
