@@ -35,22 +35,30 @@ ROOT = Path(__file__).resolve().parent.parent
 REL_ERR_MAX = 1e-2  # vs the fp32 dequantize + matmul of the same weights (fp16/bf16 rounding is ~1e-3)
 
 
+VARIANT_OPTIONS = {"4": ("--warps", "4"), "8": ("--warps", "8"), "xa0": ("--x-ahead", "0"), "xa1": ("--x-ahead", "1")}
+
+
 def parse_variant(spec: str) -> tuple[str, str]:
     """``"name=flags"`` -> (name, flags); flags may be empty (the shipped build). The name may end
-    in ``@4`` / ``@8``: that variant's LUT-kernel CTA width (see :func:`variant_warps`)."""
+    in ``@OPT[,OPT]``: launch options of that variant (see :func:`variant_args`)."""
     name, sep, flags = spec.partition("=")
-    base, at, warps = name.strip().partition("@")
+    base, at, opts = name.strip().partition("@")
     if (not sep or not base or not base.replace("_", "").replace("-", "").isalnum()
-            or (at and warps not in ("4", "8"))):
-        raise ValueError(f"--variant {spec!r}: use NAME=FLAGS or NAME@WARPS=FLAGS (WARPS 4 or 8), e.g. "
-                         "s8=-DFLUTE_LUT_STAGES=8 (FLAGS may be empty)")
+            or (at and not all(o in VARIANT_OPTIONS for o in opts.split(",")))):
+        raise ValueError(f"--variant {spec!r}: use NAME=FLAGS or NAME@OPTS=FLAGS (OPTS: comma-separated "
+                         f"{', '.join(VARIANT_OPTIONS)}), e.g. s8=-DFLUTE_LUT_STAGES=8 or xa@xa1= (FLAGS may be empty)")
     return name.strip(), flags.strip()
 
 
-def variant_warps(name: str, default: int) -> int:
-    """The CTA width a variant is timed with: its ``@WARPS`` suffix, else ``--warps``."""
-    _, at, warps = name.partition("@")
-    return int(warps) if at else default
+def variant_args(name: str, args) -> list[str]:
+    """The worker's launch options for a variant: its ``@`` suffix (4 / 8: LUT-kernel CTA width;
+    xa0 / xa1: the x-ahead variant, cuda_op.x_ahead_for), else ``--warps`` / ``--x-ahead``."""
+    opts = {"--warps": str(args.warps), "--x-ahead": str(args.x_ahead)}
+    _, at, suffix = name.partition("@")
+    for o in suffix.split(",") if at else []:
+        flag, value = VARIANT_OPTIONS[o]
+        opts[flag] = value
+    return [item for kv in opts.items() for item in kv]
 
 
 def summarize(results: dict[str, list[dict]]) -> str:
@@ -91,7 +99,7 @@ def worker(args) -> None:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
             # a variant is only worth its time if it is right: vs dequantize + matmul (separate kernel)
             q, sc, tb = layer.copies[0]
-            kw = dict(force_path=args.path, warps=args.warps or None,
+            kw = dict(force_path=args.path, warps=args.warps or None, x_ahead=None if args.x_ahead < 0 else args.x_ahead,
                       slab_bytes=None if args.slab_bytes < 0 else args.slab_bytes)
             got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, **kw).float()
             w = cuda_op.dequantize_kernel_layout(q, sc, tb, args.bits, args.group_size, k).float()
@@ -104,7 +112,8 @@ def worker(args) -> None:
             print(json.dumps(dict(shape=name, N=n, K=k, M=m, us=round(us, 3), cublas_us=round(cublas, 3),
                                   rel_err=float(f"{rel_err:.2e}"),
                                   flags=flags, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                                  path=args.path, warps=args.warps, slab_bytes=args.slab_bytes)), flush=True)
+                                  path=args.path, warps=args.warps, x_ahead=args.x_ahead,
+                                  slab_bytes=args.slab_bytes)), flush=True)
         del layer, dense
         torch.cuda.empty_cache()
 
@@ -112,7 +121,8 @@ def worker(args) -> None:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--variant", action="append", default=[],
-                    help="NAME=NVCC_FLAGS (repeat; first = baseline); NAME@8=... times that variant with 8-warp CTAs")
+                    help="NAME=NVCC_FLAGS (repeat; first = baseline); NAME@8=... times that variant with 8-warp "
+                         "CTAs, NAME@xa1=... with the x-ahead kernel variant (NAME@8,xa1=...: both)")
     ap.add_argument("--shapes", default=",".join(FULL), help="kernel.py shape names (TP slices: NAME/tp2)")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4])
@@ -122,6 +132,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warps", type=int, default=0, choices=[0, 4, 8],
                     help="LUT kernel CTA width for every variant without an @WARPS suffix (0: the op's choice, "
                          "cuda_op.warps_for)")
+    ap.add_argument("--x-ahead", type=int, default=-1, choices=[-1, 0, 1],
+                    help="x-ahead kernel variant for every variant without an @xa suffix, where the kernel has "
+                         "one (-1: the op's choice, cuda_op.x_ahead_for)")
     ap.add_argument("--slab-bytes", type=int, default=-1,
                     help="dense path: dequantize by row slabs of at most this many bytes (0: whole matrix; "
                          "-1: the config's dense_slab_bytes)")
@@ -145,15 +158,20 @@ def main(argv=None) -> dict:
         raise SystemExit("ab_kernel needs a CUDA GPU (none visible)")
     arch = _build.device_arch()
     env_of = {n: {**os.environ, "FLUTE_VLLM_NVCC_FLAGS": f} for n, f in variants}
-    builds = {n: subprocess.Popen([sys.executable, "-m", "flute_vllm._build", "--arch", arch], cwd=ROOT, env=env_of[n],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for n, _ in variants}
+    # one build per distinct flag set (variants that differ only in launch options share it)
+    first_of = {}
+    for n, f in variants:
+        first_of.setdefault(f, n)
+    builds = {f: subprocess.Popen([sys.executable, "-m", "flute_vllm._build", "--arch", arch], cwd=ROOT,
+                                  env=env_of[n], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for f, n in first_of.items()}
     failed = []
-    for n, proc in builds.items():
+    for f, proc in builds.items():
         out, _ = proc.communicate()
-        print(f"[build {n}] {out.strip().splitlines()[-1] if out.strip() else ''}", flush=True)
+        print(f"[build {first_of[f]}] {out.strip().splitlines()[-1] if out.strip() else ''}", flush=True)
         if proc.returncode != 0:
             print(out[-3000:], flush=True)
-            failed.append(n)
+            failed += [n for n, g in variants if g == f]
     results: dict[str, list[dict]] = {}
     passthrough = ["--shapes", args.shapes, "--ms", args.ms, "--bits", str(args.bits), "--group-size",
                    str(args.group_size), "--dtype", args.dtype, "--path", args.path, "--slab-bytes", str(args.slab_bytes)]
@@ -161,8 +179,8 @@ def main(argv=None) -> dict:
         if n in failed:
             results[n] = []
             continue
-        warps = ["--warps", str(variant_warps(n, args.warps))]
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *passthrough, *warps], cwd=ROOT,
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", *passthrough,
+                               *variant_args(n, args)], cwd=ROOT,
                               env=env_of[n], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         results[n] = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0:

@@ -40,9 +40,9 @@ CHUNK_K = 64
 TABLE_WORDS = 24
 WARPS_PER_CTA = 4
 WIDE_WARPS_PER_CTA = 8  # m_tiles <= WIDE_MAX_M_TILES only (warps_for)
-WIDE_MAX_M_TILES = 2  # flute_kernel.h FLUTE_LUT_WIDE_MAX_MT (default; wide_ok asks the build)
+WIDE_MAX_M_TILES = 4  # flute_kernel.h FLUTE_LUT_WIDE_MAX_MT (default; wide_ok asks the build)
 N_TILES_PER_WARP = {1: 2, 2: 2, 4: 2, 8: 1}  # m_tiles -> weight tiles per warp (flute_kernel.h defaults)
-WIDE_MT4_TILES = 1  # ... of wide CTAs at m_tiles = 4 (FLUTE_LUT_WIDE_MT4_TILES; built only with WIDE_MAX_MT >= 4)
+WIDE_MT4_TILES = 1  # ... of wide CTAs at m_tiles = 4 (FLUTE_LUT_WIDE_MT4_TILES)
 COUNTER_SLOTS = 1 << 16
 GROUP_SIZES = (32, 64, 128, 256)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -201,7 +201,8 @@ def prepare(qweight, scales, tables, shard_ends, bits, group_size, row_block: in
         dev_index = dev.index if dev.index is not None else torch.cuda.current_device()
         for mt in (1, 2, 4, 8):
             for w in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) if wide_ok(mt) else (WARPS_PER_CTA,):
-                _ctas_per_sm(bits, mt, str(scales.dtype).split(".")[-1], dev_index, w)
+                for xa in (0, 1) if x_ahead_variant(bits, mt, w) else (0,):
+                    _ctas_per_sm(bits, mt, str(scales.dtype).split(".")[-1], dev_index, w, xa)
         tc_available(dev_index)
     return qweight_k, scales_k, tables_k
 
@@ -278,9 +279,10 @@ def m_tiles_for(m: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _ctas_per_sm(bits: int, m_tiles: int, dtype_name: str, device_index: int, warps: int = WARPS_PER_CTA) -> int:
+def _ctas_per_sm(bits: int, m_tiles: int, dtype_name: str, device_index: int, warps: int = WARPS_PER_CTA,
+                 x_ahead: int = 0) -> int:
     with torch.cuda.device(device_index):
-        return max(1, int(_ext().ctas_per_sm(bits, m_tiles, dtype_name, warps)))
+        return max(1, int(_ext().ctas_per_sm(bits, m_tiles, dtype_name, warps, x_ahead)))
 
 
 def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits: Optional[int]) -> tuple[int, int]:
@@ -323,10 +325,26 @@ def rows_per_cta(m_tiles: int, warps: int = WARPS_PER_CTA) -> int:
 @lru_cache(maxsize=None)
 def wide_ok(m_tiles: int) -> bool:
     """Whether 8-warp CTAs exist for ``m_tiles``: the built extension's gemm_wide_ok on CUDA (an
-    experiment build may widen it), else kernels/flute_kernel.h's default (m_tiles <= 2)."""
+    experiment build may change it), else kernels/flute_kernel.h's default (m_tiles <= 4)."""
     if torch.cuda.is_available():
         return bool(_ext().wide_ok(m_tiles))
     return m_tiles <= WIDE_MAX_M_TILES
+
+
+def x_ahead_variant(bits: int, m_tiles: int, warps: int) -> bool:
+    """Whether the kernel for (bits, m_tiles, warps) is built with and without x-ahead (activations
+    loaded one chunk ahead), chosen per launch; kernels/flute_kernel.h gemm_x_ahead_variant."""
+    return bits == 4 and m_tiles == 1 and warps == WIDE_WARPS_PER_CTA
+
+
+def x_ahead_for(bits: int, m_tiles: int, warps: int, n: int, k: int, cfg: dict) -> int:
+    """1: run the x-ahead variant (:func:`x_ahead_variant`), for layers with N*K <= the config's
+    ``lut_x_ahead_max_nk`` (null: never). It holds 8 more registers per lane, so it runs 2 CTAs per
+    SM instead of 3: it wins where the activation loads' latency is what the warps wait on and loses
+    on the largest layers (H200 v13 A/B at M = 1: 8B down 16.5 -> 14.5 us, 70B down 43.5 -> 41.4,
+    but 70B gate_up 85.3 -> 90.6)."""
+    max_nk = cfg.get("lut_x_ahead_max_nk")
+    return int(x_ahead_variant(bits, m_tiles, warps) and max_nk is not None and n * k <= max_nk)
 
 
 def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
@@ -336,9 +354,9 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
     the L1/shared pipe bound the kernel (large layers) and lose on small ones (fewer, longer CTAs);
     2/3-bit decode in registers and were not measured wide.
 
-    At m_tiles = 4 (M = 17-32), in builds that have wide CTAs there (``FLUTE_LUT_WIDE_MAX_MT=4``,
-    an experiment), the other way round: 8 warps for N*K <= ``lut_wide_mt4_max_nk`` (H200 v12 A/B,
-    all layers wide: 8B o 21.9 -> 15.9 us, but 70B gate_up 226 -> 255 us)."""
+    At m_tiles = 4 (M = 17-32) the other way round: 8 warps (one folded tile per warp) for N*K <=
+    ``lut_wide_mt4_max_nk`` (null: never), where 4-warp CTAs are too few (H200 v13 A/B: 8B o at
+    M = 17/32 17.3 -> 13.9 / 21.7 -> 15.9 us; with every layer wide, v12: 70B gate_up 226 -> 255 us)."""
     if bits != 4:
         return WARPS_PER_CTA
     if m_tiles <= 2:
@@ -351,12 +369,17 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
 
 
 def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
-         resident: Optional[int] = None, warps: Optional[int] = None, bits: int = 4) -> dict:
-    """Launch plan of the mma.sync kernel: m_tiles, warps per CTA (:func:`warps_for`), split-K (CTAs
-    along K), chunks per split (:func:`_split_k`'s wave model with ``resident`` CTAs per SM and
-    ``cta_overhead_chunks``)."""
+         resident: Optional[int] = None, warps: Optional[int] = None, bits: int = 4,
+         x_ahead: Optional[int] = None) -> dict:
+    """Launch plan of the mma.sync kernel: m_tiles, warps per CTA (:func:`warps_for`), the x-ahead
+    variant (:func:`x_ahead_for`), split-K (CTAs along K), chunks per split (:func:`_split_k`'s wave
+    model with ``resident`` CTAs per SM and ``cta_overhead_chunks``)."""
     mt = m_tiles or m_tiles_for(m)
     w = warps or warps_for(bits, mt, n, k, cfg)
+    xa = x_ahead_for(bits, mt, w, n, k, cfg) if x_ahead is None else int(bool(x_ahead))
+    if xa and not x_ahead_variant(bits, mt, w):
+        _fail(f"x_ahead=1 needs the 4-bit {WIDE_WARPS_PER_CTA}-warp kernel at m_tiles=1 "
+              f"(bits={bits}, m_tiles={mt}, warps={w})")
     if w not in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) or (w == WIDE_WARPS_PER_CTA and not wide_ok(mt)):
         _fail(f"warps={w} must be {WARPS_PER_CTA}, or {WIDE_WARPS_PER_CTA} where the build has wide CTAs "
               f"(m_tiles <= {WIDE_MAX_M_TILES} by default; m_tiles={mt})")
@@ -365,18 +388,20 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
     nch = _padded_k(k) // CHUNK_K
     splits, cps = _split_k(grid_x * m_chunks, nch, cfg, cfg["sm_count"] * (resident or 4),
                            float(cfg.get("cta_overhead_chunks", 2.0)), splits)
-    return {"m_tiles": mt, "warps": w, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x,
-            "m_chunks": m_chunks}
+    return {"m_tiles": mt, "warps": w, "x_ahead": xa, "splits": splits, "chunks_per_split": cps,
+            "grid_x": grid_x, "m_chunks": m_chunks}
 
 
 def device_plan(m: int, n: int, k: int, bits: int, dtype: torch.dtype, device_index: int, cfg: dict,
-                m_tiles: Optional[int] = None, splits: Optional[int] = None, warps: Optional[int] = None) -> dict:
-    """:func:`plan` on this device: m_tiles and warps chosen (unless given), with the resident CTAs
-    per SM of the kernel they select."""
+                m_tiles: Optional[int] = None, splits: Optional[int] = None, warps: Optional[int] = None,
+                x_ahead: Optional[int] = None) -> dict:
+    """:func:`plan` on this device: m_tiles, warps and the x-ahead variant chosen (unless given),
+    with the resident CTAs per SM of the kernel they select."""
     mt = m_tiles or m_tiles_for(m)
     w = warps or warps_for(bits, mt, n, k, cfg)
-    resident = _ctas_per_sm(bits, mt, str(dtype).split(".")[-1], device_index, w)
-    return plan(m, n, k, cfg, mt, splits, resident, w, bits)
+    xa = x_ahead_for(bits, mt, w, n, k, cfg) if x_ahead is None else int(bool(x_ahead))
+    resident = _ctas_per_sm(bits, mt, str(dtype).split(".")[-1], device_index, w, xa if x_ahead_variant(bits, mt, w) else 0)
+    return plan(m, n, k, cfg, mt, splits, resident, w, bits, xa)
 
 
 @lru_cache(maxsize=None)
@@ -539,7 +564,7 @@ def _split_buffers(splits: int, partial_floats: int, device) -> tuple[torch.Tens
 
 
 def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None,
-         warps=None, slab_bytes=None):
+         warps=None, slab_bytes=None, x_ahead=None):
     """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
     m, k = x.shape
     n = scales.shape[0]
@@ -567,11 +592,11 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         x = x.contiguous()
     if x.data_ptr() % 16:
         x = x.clone()
-    pl = device_plan(m, n, k, bits, x.dtype, dev_index, cfg, m_tiles, splits, warps)
+    pl = device_plan(m, n, k, bits, x.dtype, dev_index, cfg, m_tiles, splits, warps, x_ahead)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counters = _split_buffers(pl["splits"], pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, x.device)
     _ext().gemm(x, qweight, scales, tables, out, ws, counters, bits, group_size,
-                pl["splits"], pl["chunks_per_split"], pl["m_tiles"], pl["warps"])
+                pl["splits"], pl["chunks_per_split"], pl["m_tiles"], pl["warps"], pl["x_ahead"])
     return out
 
 

@@ -231,42 +231,15 @@ struct TableRegs {
 // conflict-free (v10 wrote all copies of an entry from one thread: ncu counted 88% of the build's
 // store wavefronts as bank conflicts; v11's build is 3-13% faster end to end at M = 1). The caller
 // puts a barrier between this and the first lookup.
-// ENTRY_BYTES > 4 * COPIES (the stride-256 table below): entries are that far apart, the copies
-// at the start of each entry's block.
-template <int COPIES, int ENTRY_BYTES = 4 * COPIES>
+template <int COPIES>
 __device__ __forceinline__ void build_pair_table(uint32_t* s_pair, const uint32_t* tp) {
   constexpr int kPieces = COPIES / 4;  // 16-byte pieces per entry
   const TableRegs tr(tp);
   for (int j = threadIdx.x; j < 256 * kPieces; j += blockDim.x) {
     const uint32_t e = j / kPieces;
     const uint32_t pair = tr.u16(e & 15) | (tr.u16(e >> 4) << 16);
-    const int at = ENTRY_BYTES == 4 * COPIES ? j : (int)e * (ENTRY_BYTES / 16) + j % kPieces;
-    reinterpret_cast<uint4*>(s_pair)[at] = make_uint4(pair, pair, pair, pair);
+    reinterpret_cast<uint4*>(s_pair)[j] = make_uint4(pair, pair, pair, pair);
   }
-}
-
-// The 32-copy pair table at a 256-byte entry stride (an experiment, FLUTE_LUT_WIDE_HOLE_RING in
-// flute_gemm.cu): a lookup's offset is one PRMT, byte 0 = lane * 4 (the copy), byte 1 = the entry,
-// and the table base (warp-uniform) goes into the LDS as a uniform register ([R+UR]): no IMAD per
-// lookup. Bytes 128-255 of every entry's block are free (the caller puts its cp.async ring there).
-struct PairTableS256 {
-  static constexpr int kCopies = 32;
-  static constexpr int kEntryBytes = 256;
-  static constexpr int kBytes = 256 * kEntryBytes;
-  static constexpr int kHoleOffset = 128;  // where an entry's free 128 bytes start
-};
-
-// The lookup of byte j of w: offset bytes (lane4.b0, w.b[j], 0, 0), table = the table's base.
-__device__ __forceinline__ uint32_t pair_lookup_s256(uint32_t w, int j, uint32_t table, uint32_t lane4) {
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(table + prmt(w, lane4, 0x5504u | (j << 4))));
-  return v;
-}
-
-template <int S>
-__device__ __forceinline__ void decode_pair_s256(uint32_t w, uint32_t table, uint32_t lane4, uint32_t a[4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) a[j] = pair_lookup_s256(w, j, table, lane4);
 }
 
 // The 2-bit quad table (an experiment, FLUTE_LUT_W2_QUAD_STEPS in flute_gemm.cu): in the 2-bit
@@ -315,12 +288,6 @@ __device__ __forceinline__ void decode_mixed(uint32_t w, uint32_t pair_lane, con
     const uint32_t idx = prmt(w, 0u, 0x4440u | j);
     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(a[j]) : "r"(idx * PairTable<COPIES>::kEntryBytes + pair_lane));
   }
-  decode_high_regs(w, tb, a);
-}
-
-__device__ __forceinline__ void decode_mixed_s256(uint32_t w, uint32_t table, uint32_t lane4, const ByteTable& tb, uint32_t a[4]) {
-#pragma unroll
-  for (int j = 0; j < 2; ++j) a[j] = pair_lookup_s256(w, j, table, lane4);
   decode_high_regs(w, tb, a);
 }
 

@@ -56,23 +56,17 @@
                                   // (HMUL2, one more rounding) and accumulates straight into acc: no
                                   // per-group partials (frees 4 * NT * MT registers for more tiles per warp)
 #endif
-#ifndef FLUTE_LUT_WIDE_HOLE_RING
-#define FLUTE_LUT_WIDE_HOLE_RING 0  // experiment: 8-warp 4-bit CTAs keep the pair table at a 256-byte entry stride
-                                    // (one PRMT per lookup instead of PRMT + IMAD) and the cp.async weight
-                                    // ring in the free half of every entry's block (PairTableS256)
-#endif
-#ifndef FLUTE_LUT_X_AHEAD_HALF_MT
-#define FLUTE_LUT_X_AHEAD_HALF_MT 0  // experiment: 4-bit kernels with MT == this load only the first half of the next
-                                     // chunk's activation fragments ahead (4 registers per MT instead of 8: the
-                                     // MMA that stalls is the chunk's first, v12 ncu; 0: none)
-#endif
 #ifndef FLUTE_LUT_X_AHEAD_MT
 #define FLUTE_LUT_X_AHEAD_MT 2  // 4-bit kernels with MT == this load the activation fragments one chunk ahead
-                                // (v11: M = 16 large layers 3-9% faster; at MT = 1 the 8-warp kernel spills; 0: none)
+                                // (v11: M = 16 large layers 3-9% faster; 0: none). At MT = 1 the 8-warp
+                                // kernel has it as a run-time variant instead (GemmParams::x_ahead).
+#endif
+#ifndef FLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS
+#define FLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS 2  // ... its x-ahead variant: 2 CTAs (128 registers; at 80 it spills 40 B)
 #endif
 // FLUTE_LUT_MT1_TILES / MT2_TILES / MT4_TILES (flute_kernel.h): weight tiles per warp at MT = 1 / 2 / 4.
 // 2 tiles amortise the per-chunk ring, activation-load and loop work over two tiles (v9 at MT = 1).
-// FLUTE_LUT_WIDE_MAX_MT (flute_kernel.h): the largest MT with 8-warp CTAs (2; 4 is an experiment).
+// FLUTE_LUT_WIDE_MAX_MT (flute_kernel.h): the largest MT with 8-warp CTAs (4; v12 and before: 2).
 static_assert((FLUTE_LUT_STAGES & (FLUTE_LUT_STAGES - 1)) == 0 && FLUTE_LUT_STAGES >= 2,
               "FLUTE_LUT_STAGES must be a power of two >= 2");
 
@@ -81,10 +75,15 @@ namespace {
 
 // Resident CTAs per SM asked of ptxas (register cap), from the knobs above: 4-warp CTAs MT = 1: 96
 // registers, MT = 2: 128, MT >= 4: 3 (<= 170 registers); 8-warp CTAs MT = 1: 80, MT >= 2: 128.
-template <int MT, int W> struct MinBlocks {
-  static constexpr int value = W == kWideWarpsPerCta ? (MT == 1 ? FLUTE_LUT_WIDE_MT1_MIN_BLOCKS : FLUTE_LUT_WIDE_MT2_MIN_BLOCKS)
-                                      : MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
+template <int MT, int W, bool XA> struct MinBlocks {
+  static constexpr int value = W == kWideWarpsPerCta
+                                   ? (MT == 1 ? (XA ? FLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS : FLUTE_LUT_WIDE_MT1_MIN_BLOCKS)
+                                              : FLUTE_LUT_WIDE_MT2_MIN_BLOCKS)
+                                   : MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
 };
+// Whether the (BITS, MT, W) kernel loads the activations one chunk ahead: fixed by
+// FLUTE_LUT_X_AHEAD_MT, except where gemm_x_ahead_variant() offers both (chosen per launch).
+template <int BITS, int MT, int W> constexpr bool kXAheadDefault = BITS == 4 && MT == FLUTE_LUT_X_AHEAD_MT;
 // Kernels that decode (some) k-steps through a table in shared memory: 4-bit (pair table) and,
 // as an experiment, 2-bit (quad table).
 template <int BITS> constexpr bool kSmemTable = BITS == 4 || (BITS == 2 && FLUTE_LUT_W2_QUAD_STEPS != 0);
@@ -92,18 +91,13 @@ template <int BITS> constexpr bool kSmemTable = BITS == 4 || (BITS == 2 && FLUTE
 // Pair-table copies: a 4-warp CTA keeps 16 (16 KB, <= 2-way bank conflicts) to keep its occupancy;
 // an 8-warp CTA shares 32 conflict-free copies (32 KB) among twice the warps.
 template <int W> using LutPairTable = PairTable<W == kWideWarpsPerCta ? 32 : 16>;
-// FLUTE_LUT_WIDE_HOLE_RING: 8-warp 4-bit kernels whose whole weight ring fits the table's 256 free
-// 128-byte blocks (W * STAGES * NT * 512 bytes <= 32 KB) use PairTableS256 with the ring inside.
-template <int BITS, int NT, int W>
-constexpr bool kHoleRing = FLUTE_LUT_WIDE_HOLE_RING && BITS == 4 && W == kWideWarpsPerCta &&
-                           W * FLUTE_LUT_STAGES * NT * 4 <= 256;
-
-template <int BITS, int MT, int NT, int W, typename T>
-__global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_kernel(const GemmParams p) {
+// XA: the activation fragments of the next chunk are loaded one chunk ahead (8 registers per MT: the
+// first MMA of a chunk otherwise waits for its LDG, 22% of the stall samples at M = 1 in v12's ncu).
+template <int BITS, int MT, int NT, int W, bool XA, typename T>
+__global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gemm_kernel(const GemmParams p) {
   using Ops = TypeOps<T>;
   using Pair = LutPairTable<W>;
   constexpr bool SMEM_TABLE = kSmemTable<BITS>;
-  constexpr bool HOLES = kHoleRing<BITS, NT, W>;
   constexpr int STAGES = FLUTE_LUT_STAGES;
   // Wide CTAs at MT >= 4 always fold (their one tile per warp must fit the 128-register cap).
   constexpr bool FOLD = MT >= FLUTE_LUT_FOLD_MIN_MT || (W == kWideWarpsPerCta && MT >= 4);
@@ -134,7 +128,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
   zero_fill(acc);
 
   // Per-warp cp.async ring: STAGES chunks of packed weights (+ their group scales) in flight.
-  __shared__ __align__(16) uint32_t s_w[HOLES ? 1 : W][HOLES ? 1 : STAGES][HOLES ? 1 : NT][HOLES ? 4 : 32 * BITS];
+  __shared__ __align__(16) uint32_t s_w[W][STAGES][NT][32 * BITS];
   __shared__ __align__(16) T s_sc[W][STAGES][NT][2][16];
 
   const int cta_tile0 = min((int)blockIdx.x * W * NT, ntiles - 1);
@@ -152,7 +146,6 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     }
     bool use_pair[NT];
     const uint32_t pair_lane = smem_addr(s_pair) + (BITS == 4 ? Pair::lane_offset(lane) : QuadTable::lane_offset(lane));
-    const uint32_t pair_base = smem_addr(s_pair);  // HOLES: the table base, warp-uniform (LDS [R+UR])
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       use_pair[nt] = false;
@@ -185,19 +178,13 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     // v7 loop recomputed ~60 instructions of addresses per chunk; at M = 1 that was most of it).
     constexpr int CW = 32 * BITS;                                   // words per chunk per tile
     constexpr int PIECE = BITS == 4 ? 4 : 2;                        // words per lane per chunk (low planes)
-    // Ring slot / tile strides in bytes. HOLES: a (warp, slot, tile)'s 512 bytes are 4 free blocks
-    // of the stride-256 table (block b at s_pair + 256 b + 128), lanes 8i..8i+7 in block i.
-    constexpr uint32_t TILE_W = HOLES ? 4 * PairTableS256::kEntryBytes : CW * 4;
-    constexpr uint32_t SLOT_W = NT * TILE_W;                        // bytes per ring slot (weights)
+    constexpr uint32_t SLOT_W = NT * CW * 4;                        // bytes per ring slot (weights)
     constexpr uint32_t SLOT_S = NT * 2 * 16 * sizeof(T);            // bytes per ring slot (scales)
     // hold_in_reg(): computed once and kept in a register; ptxas otherwise re-derives these shared
     // addresses (S2R/S2UR/LEA) inside the loop to save registers under the 64-register cap.
     // (MT <= 2 only: the larger tiles are register-bound and would spill instead.)
     constexpr bool PIN = FLUTE_LUT_HOLD_ADDR && MT <= 2;
-    const uint32_t sw_lane = hold_in_reg<PIN>(
-        HOLES ? pair_base + (uint32_t)((warp * STAGES * NT * 4 + (lane >> 3)) * PairTableS256::kEntryBytes +
-                                       PairTableS256::kHoleOffset + 16 * (lane & 7))
-              : smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
+    const uint32_t sw_lane = hold_in_reg<PIN>(smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
     const bool sc_lane = lane < (g32 ? 16 : 8);
     const int sc_h = lane >> 3;
     const uint32_t ss_lane = hold_in_reg<PIN>(smem_addr(&s_sc[warp][0][0][0][0]) + (uint32_t)(sc_h * 16 * sizeof(T) + 4 * (lane & 7)));
@@ -218,7 +205,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         if constexpr (BITS == 4) {
-          cp_async16_s(wdst + nt * TILE_W, wnext[nt]);
+          cp_async16_s(wdst + nt * CW * 4, wnext[nt]);
         } else {
           cp_async8_s(wdst + nt * CW * 4, wnext[nt]);
           if constexpr (BITS == 3) cp_async4_s(wdst + nt * CW * 4 + 256 - 4 * lane, wnext[nt] + 64 - lane);
@@ -257,8 +244,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     // table of the CTA's first tile; warps whose tile uses another table (a shard boundary inside
     // the CTA) decode with byte permutes instead. (2-bit experiment: the quad table, likewise.)
     if constexpr (BITS == 4) {
-      if constexpr (HOLES) build_pair_table<PairTableS256::kCopies, PairTableS256::kEntryBytes>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
-      else build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
+      build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
     } else if constexpr (SMEM_TABLE) {
       build_quad_table(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
@@ -272,7 +258,6 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
       const T* xr[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
-      constexpr bool XA = BITS == 4 && MT == FLUTE_LUT_X_AHEAD_MT;
       uint4 xa_n[MT], xb_n[MT];  // XA: the next chunk's activation fragments
       auto load_x = [&](uint4 (&a)[MT], uint4 (&b)[MT], bool half) {
 #pragma unroll
@@ -283,14 +268,6 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
         }
       };
       if constexpr (XA) load_x(xa_n, xb_n, cb == last_half);
-      // XH: the first half (k-steps 0-1) of the next chunk's activations one chunk ahead, the second
-      // half at the chunk's start (first used at k-step 2).
-      constexpr bool XH = BITS == 4 && MT == FLUTE_LUT_X_AHEAD_HALF_MT && !XA;
-      uint4 xh_n[MT];
-      if constexpr (XH) {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) xh_n[mt] = __ldg(reinterpret_cast<const uint4*>(xr[mt]));
-      }
       uint32_t slot = 0;
 #pragma unroll 2
       for (int cc = cb; cc < ce; ++cc) {
@@ -303,14 +280,8 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           if constexpr (BITS == 4) {
-            if constexpr (HOLES) {
-              asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-                           : "=r"(f[nt].w[0]), "=r"(f[nt].w[1]), "=r"(f[nt].w[2]), "=r"(f[nt].w[3])
-                           : "r"(sw_lane + slot * SLOT_W + nt * TILE_W));
-            } else {
-              const uint4 v = reinterpret_cast<const uint4*>(&s_w[warp][0][0][0])[slot * (SLOT_W / 16) + nt * (CW / 4) + lane];
-              f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
-            }
+            const uint4 v = reinterpret_cast<const uint4*>(&s_w[warp][0][0][0])[slot * (SLOT_W / 16) + nt * (CW / 4) + lane];
+            f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
           } else {
             const uint32_t* sw = s_w[warp][slot][nt];
             const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
@@ -338,14 +309,6 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
             xb[mt] = xb_n[mt];
           }
           if (cc + 1 < ce) load_x(xa_n, xb_n, cc + 1 == last_half);
-        } else if constexpr (XH) {
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            xa[mt] = xh_n[mt];
-            xb[mt] = only_half ? make_uint4(0, 0, 0, 0) : __ldg(reinterpret_cast<const uint4*>(xr[mt] + 32));
-            if (cc + 1 < ce) xh_n[mt] = __ldg(reinterpret_cast<const uint4*>(xr[mt] + 64));
-            xr[mt] += 64;
-          }
         } else {
           load_x(xa, xb, only_half);
         }
@@ -354,13 +317,8 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W>::value)) lut_gemm_ke
     _Pragma("unroll") for (int nt = 0; nt < NT; ++nt) {                                         \
       uint32_t a[4];                                                                            \
       if constexpr (PAIR && BITS == 4) {                                                        \
-        if constexpr (HOLES) {                                                                  \
-          if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed_s256(f[nt].w[S], pair_base, 4u * lane, tb[nt], a); \
-          else decode_pair_s256<S>(f[nt].w[S], pair_base, 4u * lane, a);                        \
-        } else {                                                                                \
-          if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
-          else decode_pair<S, Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, a);              \
-        }                                                                                       \
+        if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
+        else decode_pair<S, Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, a);              \
       } else if constexpr (PAIR && BITS == 2 && ((FLUTE_LUT_W2_QUAD_STEPS >> S) & 1)) {         \
         decode_quad<S>(f[nt].w[S >> 1], pair_lane, a);                                          \
       } else {                                                                                  \
@@ -545,39 +503,47 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
 }
 
 template <int BITS, int NT, int W> constexpr int pair_smem_bytes() {
-  return kHoleRing<BITS, NT, W> ? PairTableS256::kBytes
-         : BITS == 4            ? LutPairTable<W>::kBytes
-         : kSmemTable<BITS>     ? QuadTable::kBytes
-                                : 0;
+  return BITS == 4 ? LutPairTable<W>::kBytes : kSmemTable<BITS> ? QuadTable::kBytes : 0;
 }
 
 // Opt in to > 48 KB of shared memory (static ring + dynamic pair table); done once per kernel.
-template <int BITS, int MT, int NT, int W, typename T>
+template <int BITS, int MT, int NT, int W, bool XA, typename T>
 cudaError_t set_smem_attr() {
-  static const cudaError_t err = cudaFuncSetAttribute(lut_gemm_kernel<BITS, MT, NT, W, T>,
+  static const cudaError_t err = cudaFuncSetAttribute(lut_gemm_kernel<BITS, MT, NT, W, XA, T>,
                                                       cudaFuncAttributeMaxDynamicSharedMemorySize, pair_smem_bytes<BITS, NT, W>());
   return err;
 }
 
-template <int BITS, int MT, int W, typename T>
+template <int BITS, int MT, int W, bool XA, typename T>
 int occupancy_w() {
   constexpr int NT = gemm_n_tiles_per_warp(MT, W);
   int n = 0;
-  if (set_smem_attr<BITS, MT, NT, W, T>() != cudaSuccess) return 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, W, T>, 32 * W,
+  if (set_smem_attr<BITS, MT, NT, W, XA, T>() != cudaSuccess) return 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, W, XA, T>, 32 * W,
                                                     pair_smem_bytes<BITS, NT, W>()) != cudaSuccess)
     return 0;
   return n;
 }
 
-template <int BITS, int MT, int W, typename T>
+template <int BITS, int MT, int W, bool XA, typename T>
 cudaError_t launch_gemm_w(const GemmParams& p, cudaStream_t stream) {
   constexpr int NT = gemm_n_tiles_per_warp(MT, W);
   dim3 grid(gemm_grid_x(p.N, MT, W), p.splits, gemm_m_chunks(p.M, MT));
-  const cudaError_t err = set_smem_attr<BITS, MT, NT, W, T>();
+  const cudaError_t err = set_smem_attr<BITS, MT, NT, W, XA, T>();
   if (err != cudaSuccess) return err;
-  lut_gemm_kernel<BITS, MT, NT, W, T><<<grid, 32 * W, pair_smem_bytes<BITS, NT, W>(), stream>>>(p);
+  lut_gemm_kernel<BITS, MT, NT, W, XA, T><<<grid, 32 * W, pair_smem_bytes<BITS, NT, W>(), stream>>>(p);
   return cudaGetLastError();
+}
+
+// x_ahead at run time -> f(integral_constant XA): both where gemm_x_ahead_variant(BITS, MT, W)
+// (only those are instantiated twice), else the fixed kXAheadDefault (x_ahead ignored).
+template <int BITS, int MT, int W, typename R, typename F>
+R with_x_ahead(int x_ahead, F&& f) {
+  if constexpr (gemm_x_ahead_variant(BITS, MT, W)) {
+    return x_ahead ? f(std::true_type{}) : f(std::false_type{});
+  } else {
+    return f(std::integral_constant<bool, kXAheadDefault<BITS, MT, W>>{});
+  }
 }
 
 // warps at run time -> f(integral_constant W): kWarpsPerCta, or kWideWarpsPerCta where
@@ -590,14 +556,20 @@ R with_warps(int warps, R fallback, F&& f) {
 }
 
 template <int BITS, int MT, typename T>
-int occupancy_t(int warps) {
-  return with_warps<MT>(warps, 0, [&](auto w) { return occupancy_w<BITS, MT, decltype(w)::value, T>(); });
+int occupancy_t(int warps, int x_ahead) {
+  return with_warps<MT>(warps, 0, [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    return with_x_ahead<BITS, MT, W, int>(x_ahead, [&](auto xa) { return occupancy_w<BITS, MT, W, decltype(xa)::value, T>(); });
+  });
 }
 
 template <int BITS, int MT, typename T>
 cudaError_t launch_gemm_t(const GemmParams& p, cudaStream_t stream) {
-  return with_warps<MT>(p.warps, cudaErrorInvalidValue,
-                        [&](auto w) { return launch_gemm_w<BITS, MT, decltype(w)::value, T>(p, stream); });
+  return with_warps<MT>(p.warps, cudaErrorInvalidValue, [&](auto w) {
+    constexpr int W = decltype(w)::value;
+    return with_x_ahead<BITS, MT, W, cudaError_t>(
+        p.x_ahead, [&](auto xa) { return launch_gemm_w<BITS, MT, W, decltype(xa)::value, T>(p, stream); });
+  });
 }
 
 // (bits, m_tiles) at run time -> the instantiation: f(integral_constant BITS, integral_constant MT).
@@ -616,9 +588,9 @@ cudaError_t launch_gemm_typed(const GemmParams& p, cudaStream_t stream) {
 }
 
 template <typename T>
-int occupancy_typed(int bits, int m_tiles, int warps) {
+int occupancy_typed(int bits, int m_tiles, int warps, int x_ahead) {
   return with_bits_mt(bits, m_tiles, 0, [&](auto b, auto mt) {
-    return occupancy_t<decltype(b)::value, decltype(mt)::value, T>(warps);
+    return occupancy_t<decltype(b)::value, decltype(mt)::value, T>(warps, x_ahead);
   });
 }
 
@@ -648,10 +620,10 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
   }
 }
 
-int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps) {
+int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps, int x_ahead) {
   switch (dtype) {
-    case DType::kF16: return occupancy_typed<half>(bits, m_tiles, warps);
-    case DType::kBF16: return occupancy_typed<__nv_bfloat16>(bits, m_tiles, warps);
+    case DType::kF16: return occupancy_typed<half>(bits, m_tiles, warps, x_ahead);
+    case DType::kBF16: return occupancy_typed<__nv_bfloat16>(bits, m_tiles, warps, x_ahead);
     default: return 0;
   }
 }

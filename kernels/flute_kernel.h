@@ -20,7 +20,7 @@ enum class DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
 constexpr int kTableWords = 24;
 constexpr int kWarpsPerCta = 4;
-constexpr int kWideWarpsPerCta = 8;  // the mma.sync kernel's wide CTAs (m_tiles <= 2, gemm_wide_ok)
+constexpr int kWideWarpsPerCta = 8;  // the mma.sync kernel's wide CTAs (m_tiles <= 4, gemm_wide_ok)
 
 struct GemmParams {
   const void* x;             // [M, K] act dtype (fp16 / bf16)
@@ -37,6 +37,8 @@ struct GemmParams {
   int chunks_per_split;      // 64-wide K chunks per split
   int m_tiles;               // 8-row activation tiles per CTA: 1, 2, 4, 8
   int warps;                 // warps per CTA of the mma.sync kernel: kWarpsPerCta, or kWideWarpsPerCta (gemm_wide_ok)
+  int x_ahead;               // 1: the kernel variant that loads activations one chunk ahead, where
+                             // gemm_x_ahead_variant() (elsewhere fixed by the build; ignored)
   DType dtype;
 };
 
@@ -52,7 +54,7 @@ struct GemmParams {
 #ifndef FLUTE_LUT_MT4_TILES
 #define FLUTE_LUT_MT4_TILES 2
 #endif
-// Wide CTAs at m_tiles = 4 (only built when FLUTE_LUT_WIDE_MAX_MT >= 4): one weight tile per warp,
+// Wide CTAs at m_tiles = 4 (built when FLUTE_LUT_WIDE_MAX_MT >= 4, the default): one weight tile per warp,
 // scales folded into the decoded weights (no per-group partials), so they fit 128 registers.
 #ifndef FLUTE_LUT_WIDE_MT4_TILES
 #define FLUTE_LUT_WIDE_MT4_TILES 1
@@ -66,13 +68,21 @@ constexpr int gemm_n_tiles_per_warp(int m_tiles, int warps) {
   return warps == kWideWarpsPerCta && m_tiles == 4 ? FLUTE_LUT_WIDE_MT4_TILES : gemm_n_tiles_per_warp(m_tiles);
 }
 // Wide CTAs (kWideWarpsPerCta warps sharing one conflict-free 32 KB pair table) exist for
-// m_tiles <= FLUTE_LUT_WIDE_MAX_MT (2; 4 is an experiment knob); the caller picks them per layer
+// m_tiles <= FLUTE_LUT_WIDE_MAX_MT (4; v13, was 2); the caller picks them per layer
 // (cuda_op.warps_for: at m_tiles <= 2 large N*K, where the L1/shared pipe is the limit; at
 // m_tiles = 4 small N*K, where 4-warp CTAs are too few).
 #ifndef FLUTE_LUT_WIDE_MAX_MT
-#define FLUTE_LUT_WIDE_MAX_MT 2
+#define FLUTE_LUT_WIDE_MAX_MT 4
 #endif
 constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= FLUTE_LUT_WIDE_MAX_MT; }
+// The (bits, m_tiles, warps) kernels built in two variants, chosen per launch by GemmParams::x_ahead:
+// the 4-bit 8-warp kernel at m_tiles = 1 with the activations loaded one chunk ahead (2 CTAs per SM,
+// 128 registers) or not (3 CTAs, 80 registers). The caller picks per layer (cuda_op.x_ahead_for:
+// v13 A/B on H200 at M = 1, x-ahead 5-12% faster on large layers but 6% slower on 70B gate_up,
+// which needs the third CTA).
+constexpr bool gemm_x_ahead_variant(int bits, int m_tiles, int warps) {
+  return bits == 4 && m_tiles == 1 && warps == kWideWarpsPerCta;
+}
 // Output rows per CTA, and CTAs along N, for a given N, m_tiles and warps per CTA.
 constexpr int gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles, warps) * warps; }
 inline int gemm_grid_x(int N, int m_tiles, int warps) {
@@ -92,8 +102,8 @@ cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream);
 // call it outside CUDA-graph capture).
 bool wgmma_supported();
 
-// Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype, warps); 0 on error.
-int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps);
+// Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype, warps, x_ahead); 0 on error.
+int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps, int x_ahead);
 
 struct DequantParams {
   const uint32_t* qweight;

@@ -66,7 +66,7 @@ flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Te
 void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
           const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
           int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles,
-          int64_t warps) {
+          int64_t warps, int64_t x_ahead) {
   TORCH_CHECK(warps == flute::kWarpsPerCta || (warps == flute::kWideWarpsPerCta && flute::gemm_wide_ok((int)m_tiles)),
               "flute: warps=", warps, " must be ", flute::kWarpsPerCta, ", or ", flute::kWideWarpsPerCta,
               " with m_tiles <= ", FLUTE_LUT_WIDE_MAX_MT);
@@ -76,6 +76,7 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
                                     group_size, splits, chunks_per_split, m_tiles, m_chunks * splits * 8 * m_tiles * N,
                                     m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles, (int)warps));
   p.warps = (int)warps;
+  p.x_ahead = (int)x_ahead;
   const at::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = flute::launch_gemm(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "flute: gemm launch failed: ", cudaGetErrorString(err));
@@ -127,9 +128,9 @@ void dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const to
   TORCH_CHECK(err == cudaSuccess, "flute: dequant launch failed: ", cudaGetErrorString(err));
 }
 
-int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype, int64_t warps) {
+int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype, int64_t warps, int64_t x_ahead) {
   const flute::DType dt = dtype == "bfloat16" ? flute::DType::kBF16 : flute::DType::kF16;
-  return flute::gemm_ctas_per_sm((int)bits, (int)m_tiles, dt, (int)warps);
+  return flute::gemm_ctas_per_sm((int)bits, (int)m_tiles, dt, (int)warps, (int)x_ahead);
 }
 
 }  // namespace
@@ -139,9 +140,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_wgmma", &gemm_wgmma, "flute LUT-GEMM, sm_90a tensor-core path (kernel layout)");
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("dequant", &dequant, "flute dequantize (kernel layout) to dense");
-  m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype, warps)");
+  m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype, warps, x_ahead)");
   m.def("wide_ok", [](int64_t m_tiles) { return flute::gemm_wide_ok((int)m_tiles); },
         "whether 8-warp CTAs exist for m_tiles in this build (gemm_wide_ok)");
+  m.def("x_ahead_variant", [](int64_t bits, int64_t m_tiles, int64_t warps) {
+          return flute::gemm_x_ahead_variant((int)bits, (int)m_tiles, (int)warps);
+        }, "whether the (bits, m_tiles, warps) kernel has an x-ahead variant (gemm_x_ahead_variant)");
   m.def("rows_per_cta", [](int64_t m_tiles, int64_t warps) { return (int64_t)flute::gemm_rows_per_cta((int)m_tiles, (int)warps); },
         "output rows per CTA of the gemm kernel for (m_tiles, warps) (the launcher's grid along N)");
 }

@@ -30,6 +30,8 @@ for bits in (2, 3, 4):
                 dict(force_path="dense", slab_bytes=64 * k * 2)]
         if cuda_op.wide_ok(cuda_op.m_tiles_for(m)):
             runs += [dict(force_path="lut", warps=8), dict(force_path="lut", warps=8, splits=3)]
+        if cuda_op.x_ahead_variant(bits, cuda_op.m_tiles_for(m), 8):
+            runs += [dict(force_path="lut", warps=8, x_ahead=1), dict(force_path="lut", warps=8, splits=3, x_ahead=1)]
         if cuda_op.tc_available(0):
             runs += [dict(force_path="tc", block_m=b, splits=s) for b in (64, 128, 256) for s in (1, 4)]
         for kw in runs:

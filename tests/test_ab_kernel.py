@@ -16,10 +16,20 @@ def test_parse_variant():
     assert ab_kernel.parse_variant("base=") == ("base", "")
     assert ab_kernel.parse_variant("s8=-DFLUTE_LUT_STAGES=8 -DX=1") == ("s8", "-DFLUTE_LUT_STAGES=8 -DX=1")
     assert ab_kernel.parse_variant("w4@8=-DX=1") == ("w4@8", "-DX=1")
-    for bad in ("noequals", "=-DX", "a b=-DX", "w@6=-DX", "@8=-DX", "w@=-DX"):
+    assert ab_kernel.parse_variant("xa@8,xa1=") == ("xa@8,xa1", "")
+    for bad in ("noequals", "=-DX", "a b=-DX", "w@6=-DX", "@8=-DX", "w@=-DX", "w@8,xa2=", "w@8,=-DX"):
         with pytest.raises(ValueError, match="NAME=FLAGS"):
             ab_kernel.parse_variant(bad)
-    assert ab_kernel.variant_warps("w4@8", 0) == 8 and ab_kernel.variant_warps("base", 4) == 4
+
+
+def test_variant_launch_options():
+    """The @ suffix overrides --warps / --x-ahead for that variant only."""
+    import argparse
+    args = argparse.Namespace(warps=4, x_ahead=-1)
+    assert ab_kernel.variant_args("base", args) == ["--warps", "4", "--x-ahead", "-1"]
+    assert ab_kernel.variant_args("w@8", args) == ["--warps", "8", "--x-ahead", "-1"]
+    assert ab_kernel.variant_args("w@xa1,8", args) == ["--warps", "8", "--x-ahead", "1"]
+    assert ab_kernel.variant_args("w@xa0", args) == ["--warps", "4", "--x-ahead", "0"]
 
 
 def _rec(shape, m, us, cublas, flags="", err=1e-3):

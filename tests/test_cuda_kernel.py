@@ -285,9 +285,13 @@ def test_randomized_sweep():
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", splits=splits, block_m=c["block_m"])
         else:
             splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "lut_split" else None
-            # 8: wide CTAs, any bits, where the build has them (m_tiles <= 2; more in an experiment build)
-            warps = rng.choice([4, 8]) if cuda_op.wide_ok(cuda_op.m_tiles_for(c["m"])) else 4
-            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits, warps=warps)
+            # 8: wide CTAs, any bits, where the build has them (m_tiles <= 4); either x-ahead variant
+            # where both exist (4-bit wide m_tiles 1)
+            mt = cuda_op.m_tiles_for(c["m"])
+            warps = rng.choice([4, 8]) if cuda_op.wide_ok(mt) else 4
+            x_ahead = rng.choice([0, 1]) if cuda_op.x_ahead_variant(c["bits"], mt, warps) else None
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits, warps=warps,
+                               x_ahead=x_ahead)
         ref = _reference(x, qweight, scales, tables, ends, c["bits"], c["g"])
         err = _rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
         key = (c["dtype"], c["bits"])
@@ -432,7 +436,7 @@ def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
     assert "constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= FLUTE_LUT_WIDE_MAX_MT; }" in header
     assert int(re.search(r"#define FLUTE_LUT_WIDE_MAX_MT (\d+)", header).group(1)) == cuda_op.WIDE_MAX_M_TILES
     if not torch.cuda.is_available():
-        assert [cuda_op.wide_ok(m) for m in (1, 2, 4, 8)] == [True, True, False, False]
+        assert [cuda_op.wide_ok(m) for m in (1, 2, 4, 8)] == [True, True, True, False]
     wide_mt4 = int(re.search(r"#define FLUTE_LUT_WIDE_MT4_TILES (\d+)", header).group(1))
     assert wide_mt4 == cuda_op.WIDE_MT4_TILES
     assert ("return warps == kWideWarpsPerCta && m_tiles == 4 ? FLUTE_LUT_WIDE_MT4_TILES : "
@@ -442,16 +446,25 @@ def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
         assert [cuda_op.rows_per_cta(m) for m in (1, 2, 4, 8)] == [16 * 4 * mt1, 16 * 4 * mt2, 16 * 4 * mt4, 64]
         assert cuda_op.rows_per_cta(1, 8) == 16 * 8 * mt1
         assert cuda_op.rows_per_cta(4, 8) == 16 * 8 * wide_mt4
+    body = re.search(r"gemm_x_ahead_variant\(int bits, int m_tiles, int warps\) \{\s*return ([^;]*);", header).group(1)
+    assert body == "bits == 4 && m_tiles == 1 && warps == kWideWarpsPerCta"
+    assert [cuda_op.x_ahead_variant(b, mt, w) for b, mt, w in [(4, 1, 8), (4, 1, 4), (4, 2, 8), (3, 1, 8)]] == \
+        [True, False, False, False]
+    if torch.cuda.is_available():
+        assert all(bool(cuda_op._ext().x_ahead_variant(b, mt, w)) == cuda_op.x_ahead_variant(b, mt, w)
+                   for b in (2, 3, 4) for mt in (1, 2, 4, 8) for w in (4, 8))
 
 
 def test_wide_ctas_only_where_configured_cpu():
-    """warps_for / plan: 8-warp CTAs only for 4-bit, m_tiles <= 2 and N*K >= lut_wide_cta_min_nk;
-    the grid along N follows the CTA width; a wide plan for m_tiles > 2 is refused."""
+    """warps_for / plan: 8-warp CTAs only for 4-bit, at m_tiles <= 2 for N*K >= lut_wide_cta_min_nk
+    and at m_tiles = 4 for N*K <= lut_wide_mt4_max_nk; the grid along N follows the CTA width; a wide
+    plan for m_tiles 8 is refused; the x-ahead variant only for the wide 4-bit m_tiles = 1 kernel
+    and N*K <= lut_x_ahead_max_nk."""
     cfg = {"sm_count": 132, "cta_overhead_chunks": 2.0, "min_chunks_per_split": 4, "max_splits": 32,
            "lut_wide_cta_min_nk": 1 << 25}
     assert cuda_op.warps_for(4, 1, 57344, 8192, cfg) == 8
     assert cuda_op.warps_for(4, 2, 57344, 8192, cfg) == 8
-    assert cuda_op.warps_for(4, 4, 57344, 8192, cfg) == 4   # m_tiles 4: no wide kernel
+    assert cuda_op.warps_for(4, 4, 57344, 8192, cfg) == 4   # m_tiles 4: no lut_wide_mt4_max_nk
     assert cuda_op.warps_for(3, 1, 57344, 8192, cfg) == 4   # 2/3-bit: not measured wide
     assert cuda_op.warps_for(4, 1, 4096, 4096, cfg) == 4    # small layer
     assert cuda_op.warps_for(4, 1, 57344, 8192, {**cfg, "lut_wide_cta_min_nk": None}) == 4
@@ -461,12 +474,22 @@ def test_wide_ctas_only_where_configured_cpu():
     assert (wide["warps"], narrow["warps"]) == (8, 4) and wide["grid_x"] * 2 == narrow["grid_x"]
     with pytest.raises(ValueError, match="warps=8"):
         cuda_op.plan(64, 4096, 4096, cfg, m_tiles=8, warps=8)
-    # m_tiles 4: wide CTAs for SMALL layers, and only in a build that has them (wide_ok(4))
+    # m_tiles 4: wide CTAs for SMALL layers (in a build that has them: wide_ok(4), the default)
     mt4 = {**cfg, "lut_wide_mt4_max_nk": 1 << 26}
     assert cuda_op.warps_for(4, 4, 4096, 4096, mt4) == (8 if cuda_op.wide_ok(4) else 4)
     assert cuda_op.warps_for(4, 4, 57344, 8192, mt4) == 4
     assert cuda_op.warps_for(3, 4, 4096, 4096, mt4) == 4
     assert cuda_op.warps_for(4, 8, 4096, 4096, mt4) == 4
+    # x-ahead: per layer at m_tiles 1 with 8 warps, never elsewhere; a forced one where none exists fails
+    xa = {**cfg, "lut_x_ahead_max_nk": 1 << 28}
+    assert cuda_op.plan(1, 28672, 8192, xa, resident=2)["x_ahead"] == 1    # 70B down-like
+    assert cuda_op.plan(1, 57344, 8192, xa, resident=3)["x_ahead"] == 0    # 70B gate_up: too large
+    assert cuda_op.plan(1, 57344, 8192, cfg, resident=3)["x_ahead"] == 0   # not configured
+    assert cuda_op.plan(16, 28672, 8192, xa, resident=2)["x_ahead"] == 0   # m_tiles 2
+    assert cuda_op.plan(1, 4096, 4096, xa, resident=5)["x_ahead"] == 0     # 4-warp CTAs
+    assert cuda_op.plan(1, 28672, 8192, xa, resident=2, bits=3)["x_ahead"] == 0
+    with pytest.raises(ValueError, match="x_ahead=1"):
+        cuda_op.plan(1, 4096, 4096, xa, x_ahead=1)
 
 
 def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
@@ -504,8 +527,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
              "-DFLUTE_LUT_W2_QUAD_STEPS=5", "-DFLUTE_LUT_X_AHEAD_MT=1",
              "-DFLUTE_LUT_WIDE_MT1_MIN_BLOCKS=2", "-DFLUTE_LUT_WIDE_MT2_MIN_BLOCKS=3",
              "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
-             "-DFLUTE_LUT_WIDE_MAX_MT=4", "-DFLUTE_LUT_WIDE_HOLE_RING=1",
-             "-DFLUTE_LUT_X_AHEAD_HALF_MT=2"]
+             "-DFLUTE_LUT_WIDE_MAX_MT=2", "-DFLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS=3"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
