@@ -337,14 +337,20 @@ def x_ahead_variant(bits: int, m_tiles: int, warps: int) -> bool:
     return bits == 4 and m_tiles == 1 and warps == WIDE_WARPS_PER_CTA
 
 
-def x_ahead_for(bits: int, m_tiles: int, warps: int, n: int, k: int, cfg: dict) -> int:
-    """1: run the x-ahead variant (:func:`x_ahead_variant`), for layers with N*K <= the config's
-    ``lut_x_ahead_max_nk`` (null: never). It holds 8 more registers per lane, so it runs 2 CTAs per
-    SM instead of 3: it wins where the activation loads' latency is what the warps wait on and loses
-    on the largest layers (H200 v13 A/B at M = 1: 8B down 16.5 -> 14.5 us, 70B down 43.5 -> 41.4,
-    but 70B gate_up 85.3 -> 90.6)."""
+def _x_ahead_layer(n: int, k: int, cfg: dict) -> bool:
+    """Whether the config puts a layer in the x-ahead range: ``lut_x_ahead_min_nk`` (default 0) <=
+    N*K <= ``lut_x_ahead_max_nk`` (null: never)."""
     max_nk = cfg.get("lut_x_ahead_max_nk")
-    return int(x_ahead_variant(bits, m_tiles, warps) and max_nk is not None and n * k <= max_nk)
+    return max_nk is not None and int(cfg.get("lut_x_ahead_min_nk") or 0) <= n * k <= max_nk
+
+
+def x_ahead_for(bits: int, m_tiles: int, warps: int, n: int, k: int, cfg: dict) -> int:
+    """1: run the x-ahead variant (:func:`x_ahead_variant`: 4-bit, m_tiles 1, 8 warps) for layers in
+    the config's x-ahead range (:func:`_x_ahead_layer`). It holds 8 more registers per lane, so it
+    runs 2 CTAs per SM instead of 3: it wins where the activation loads' latency is what the warps
+    wait on and loses on the largest layers (H200 v13 A/B at M = 1: 8B down 16.5 -> 14.5 us, 70B down
+    43.5 -> 41.4, 8B o (as 8 warps) 8.9 -> 7.9, but 70B gate_up 85.3 -> 90.6)."""
+    return int(x_ahead_variant(bits, m_tiles, warps) and _x_ahead_layer(n, k, cfg))
 
 
 def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
@@ -352,7 +358,9 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
     warps; kernels/flute_kernel.h gemm_wide_ok) for 4-bit, m_tiles <= 2 and N*K >= the config's
     ``lut_wide_cta_min_nk`` (null: never), else 4. Wide CTAs win where the pair-table lookups on
     the L1/shared pipe bound the kernel (large layers) and lose on small ones (fewer, longer CTAs);
-    2/3-bit decode in registers and were not measured wide.
+    2/3-bit decode in registers and were not measured wide. At m_tiles = 1, layers in the x-ahead
+    range (:func:`x_ahead_for`) are wide too: the x-ahead variant exists for 8-warp CTAs only, and
+    wins on small layers as well (H200 v13: 8B qkv M=1 11.6 -> 9.9 us, 8B o 8.9 -> 7.9).
 
     At m_tiles = 4 (M = 17-32) the other way round: 8 warps (one folded tile per warp) for N*K <=
     ``lut_wide_mt4_max_nk`` (null: never), where 4-warp CTAs are too few (H200 v13 A/B: 8B o at
@@ -361,7 +369,7 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
         return WARPS_PER_CTA
     if m_tiles <= 2:
         min_nk = cfg.get("lut_wide_cta_min_nk")
-        wide = min_nk is not None and n * k >= min_nk
+        wide = (min_nk is not None and n * k >= min_nk) or (m_tiles == 1 and _x_ahead_layer(n, k, cfg))
     else:
         max_nk = cfg.get("lut_wide_mt4_max_nk")
         wide = m_tiles == 4 and max_nk is not None and n * k <= max_nk and wide_ok(4)

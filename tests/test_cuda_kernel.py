@@ -486,10 +486,17 @@ def test_wide_ctas_only_where_configured_cpu():
     assert cuda_op.plan(1, 57344, 8192, xa, resident=3)["x_ahead"] == 0    # 70B gate_up: too large
     assert cuda_op.plan(1, 57344, 8192, cfg, resident=3)["x_ahead"] == 0   # not configured
     assert cuda_op.plan(16, 28672, 8192, xa, resident=2)["x_ahead"] == 0   # m_tiles 2
-    assert cuda_op.plan(1, 4096, 4096, xa, resident=5)["x_ahead"] == 0     # 4-warp CTAs
+    assert cuda_op.plan(1, 4096, 4096, xa, resident=5, warps=4)["x_ahead"] == 0  # 4-warp CTAs
     assert cuda_op.plan(1, 28672, 8192, xa, resident=2, bits=3)["x_ahead"] == 0
     with pytest.raises(ValueError, match="x_ahead=1"):
-        cuda_op.plan(1, 4096, 4096, xa, x_ahead=1)
+        cuda_op.plan(1, 4096, 4096, xa, warps=4, x_ahead=1)
+    # a small layer in the x-ahead range runs wide at m_tiles 1 (the variant is 8-warp only), not at 2
+    xa_min = {**xa, "lut_x_ahead_min_nk": 1 << 24}
+    assert cuda_op.plan(1, 4096, 4096, xa_min, resident=2)["warps"] == 8
+    assert cuda_op.plan(1, 4096, 4096, xa_min, resident=2)["x_ahead"] == 1
+    assert cuda_op.plan(16, 4096, 4096, xa_min, resident=5)["warps"] == 4
+    assert cuda_op.plan(1, 4096, 2048, xa_min, resident=5)["warps"] == 4      # below lut_x_ahead_min_nk
+    assert cuda_op.plan(1, 4096, 4096, xa_min, resident=2, bits=2)["warps"] == 4
 
 
 def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
