@@ -8,9 +8,15 @@ CUDA graphs), takes the geo-mean over the shapes per M, and writes the threshold
 ``~/.cache/flute_vllm/configs/<gpu>.json`` (``$FLUTE_VLLM_CACHE``), which ``cuda_op.device_config``
 prefers over the configs shipped in ``configs/``. Split-K keeps its wave model (no tuning needed).
 
-It also times the LUT kernel's two CTA widths at M = 1 and 16 (4 warps, or 8 sharing one
-conflict-free pair table: ``cuda_op.warps_for``) over layers of growing N*K and writes the N*K
-from which the wide CTAs win (``lut_wide_cta_min_nk``; null when they never do).
+It also times the LUT kernel's per-layer choices over layers of growing N*K (``WIDE_SHAPES``) and
+writes where they win:
+- ``lut_wide_cta_min_nk``: at M = 1 and 16, 4 warps or 8 sharing one conflict-free pair table
+  (``cuda_op.warps_for``), both without x-ahead: the N*K from which the wide CTAs win (null: never);
+- ``lut_x_ahead_min_nk`` / ``lut_x_ahead_max_nk``: at M = 1, the 8-warp x-ahead kernel variant
+  against the better of the two widths without it (``cuda_op.x_ahead_for``): the longest run of
+  consecutive measured N*K where it wins (null max: never);
+- ``lut_wide_mt4_max_nk``: at M = 32 (m_tiles 4), 4 or 8 warps: the N*K up to which the wide CTAs
+  win from the smallest layer on (null: never).
 """
 from __future__ import annotations
 
@@ -26,10 +32,12 @@ import torch
 SHAPES = {"8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "70B-down": (8192, 28672)}
 MS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 NEVER = 1 << 30
-# layers of growing N*K for the CTA-width crossover (8B o / qkv / down / gate_up, 70B down)
+# layers of growing N*K for the per-layer LUT-kernel choices (8B o / qkv / down / gate_up, 70B down / gate_up)
 WIDE_SHAPES = {"8B-o": (4096, 4096), "8B-qkv": (6144, 4096), "8B-down": (4096, 14336), "8B-gate_up": (28672, 4096),
-               "70B-down": (8192, 28672)}
-WIDE_MS = (1, 16)
+               "70B-down": (8192, 28672), "70B-gate_up": (57344, 8192)}
+WIDE_MS = (1, 16)  # the CTA-width crossover sums these
+X_AHEAD_M = 1      # the x-ahead variant exists at m_tiles 1 (M <= 8)
+MT4_M = 32         # m_tiles 4
 
 
 def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
@@ -60,30 +68,75 @@ def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
     return {"dequant_min_m": dequant_min_m, "tc_min_m": tc_min_m, "tc_max_m": tc_max_m}
 
 
+def _winning_edge(times: dict[int, tuple[float, float]], from_largest: bool) -> Optional[int]:
+    """Walking the measured N*K from the largest (or the smallest) on, the last one where the second
+    time beats the first before the first where it does not; None if it loses at the start."""
+    edge = None
+    for nk in sorted(times, reverse=from_largest):
+        base, variant = times[nk]
+        if variant >= base:
+            break
+        edge = nk
+    return edge
+
+
 def choose_wide_min_nk(times: dict[int, tuple[float, float]]) -> Optional[int]:
     """``lut_wide_cta_min_nk`` from ``times[n * k] = (µs with 4 warps, µs with 8 warps)``: the smallest
     measured N*K from which the wide CTAs are faster at every larger measured N*K; None if never."""
-    min_nk = None
-    for nk in sorted(times, reverse=True):
-        narrow, wide = times[nk]
-        if wide >= narrow:
-            break
-        min_nk = nk
-    return min_nk
+    return _winning_edge(times, from_largest=True)
+
+
+def _longest_winning_run(times: dict[int, tuple[float, float]]) -> Optional[tuple[int, int]]:
+    """(first, last) N*K of the longest run of consecutive measured N*K (ascending) where the second
+    time beats the first (of equally long runs, the one reaching the larger N*K); None if none."""
+    runs, run = [], []
+    for nk in sorted(times):
+        base, variant = times[nk]
+        if variant < base:
+            run.append(nk)
+        elif run:
+            runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: (len(r), r[-1]))
+    return best[0], best[-1]
+
+
+def choose_x_ahead_range(times: dict[int, tuple[float, float]]) -> tuple[Optional[int], Optional[int]]:
+    """(``lut_x_ahead_min_nk``, ``lut_x_ahead_max_nk``) from ``times[n * k] = (µs without x-ahead
+    (the better CTA width), µs with it)``: the ends of the longest run of consecutive measured N*K
+    where x-ahead wins; (None, None) if it never does."""
+    run = _longest_winning_run(times)
+    return (None, None) if run is None else run
+
+
+def choose_wide_mt4_max_nk(times: dict[int, tuple[float, float]]) -> Optional[int]:
+    """``lut_wide_mt4_max_nk`` from ``times[n * k] = (µs 4 warps, µs 8 warps)`` at m_tiles 4: the
+    largest measured N*K up to which the wide CTAs win at every smaller measured N*K; None if they
+    lose on the smallest."""
+    return _winning_edge(times, from_largest=False)
 
 
 def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_ms=WIDE_MS, group_size: int = 128,
-            dtype: torch.dtype = torch.float16) -> tuple[dict[str, dict[int, float]], dict[int, tuple[float, float]]]:
-    """On the current GPU, 4-bit: geo-mean µs per path and M over ``shapes``, and ``{n * k: (µs 4
-    warps, µs 8 warps)}`` of the LUT kernel summed over ``wide_ms`` for each of ``wide_shapes``. Each
-    layer is built once, for both measurements."""
+            dtype: torch.dtype = torch.float16) -> tuple[dict[str, dict[int, float]], dict[str, dict]]:
+    """On the current GPU, 4-bit: geo-mean µs per path and M over ``shapes``, and for each of
+    ``wide_shapes`` the LUT kernel's per-layer choices: ``{"wide": {n * k: (µs 4 warps, µs 8 warps)}
+    summed over wide_ms without x-ahead, "x_ahead": {n * k: (µs best width without, µs 8 warps with
+    x-ahead)} at X_AHEAD_M, "mt4": {n * k: (µs 4 warps, µs 8 warps)} at MT4_M}`` ("mt4" only when the
+    build has 8-warp CTAs there). Each layer is built once, for all measurements."""
     from . import cuda_op
     from .timing import Layer, time_graph
 
     dev = torch.cuda.current_device()
     paths = ["lut", "dense"] + (["tc"] if cuda_op.tc_available(dev) else [])
     per: dict[str, dict[int, list[float]]] = {p: {m: [] for m in ms} for p in paths}
-    wide: dict[int, tuple[float, float]] = {}
+    choices: dict[str, dict] = {"wide": {}, "x_ahead": {}}
+    if cuda_op.wide_ok(cuda_op.m_tiles_for(MT4_M)):
+        choices["mt4"] = {}
+    narrow_w, wide_w = cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA
     for name, (n, k) in {**shapes, **wide_shapes}.items():
         layer = Layer(n, k, 4, group_size, dtype)
 
@@ -97,18 +150,23 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
                 for p in paths:
                     per[p][m].append(timed(m, force_path=p))
         if name in wide_shapes:
-            narrow_us, wide_us = (sum(timed(m, force_path="lut", warps=w) for m in wide_ms)
-                                  for w in (cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA))
-            wide[n * k] = (narrow_us, wide_us)
+            # x_ahead=0: the width crossover without the variant (else the current config would pick it)
+            t = {(m, w): timed(m, force_path="lut", warps=w, x_ahead=0) for m in wide_ms for w in (narrow_w, wide_w)}
+            choices["wide"][n * k] = tuple(sum(t[(m, w)] for m in wide_ms) for w in (narrow_w, wide_w))
+            plain = [t[(X_AHEAD_M, w)] if (X_AHEAD_M, w) in t else timed(X_AHEAD_M, force_path="lut", warps=w, x_ahead=0)
+                     for w in (narrow_w, wide_w)]
+            choices["x_ahead"][n * k] = (min(plain), timed(X_AHEAD_M, force_path="lut", warps=wide_w, x_ahead=1))
+            if "mt4" in choices:
+                choices["mt4"][n * k] = tuple(timed(MT4_M, force_path="lut", warps=w) for w in (narrow_w, wide_w))
         del layer
         torch.cuda.empty_cache()
-    return {p: {m: statistics.geometric_mean(v) for m, v in d.items()} for p, d in per.items()}, wide
+    return {p: {m: statistics.geometric_mean(v) for m, v in d.items()} for p, d in per.items()}, choices
 
 
-def config_for(gpu: str, times: dict[str, dict[int, float]],
-               wide_times: Optional[dict[int, tuple[float, float]]] = None) -> dict:
+def config_for(gpu: str, times: dict[str, dict[int, float]], choices: Optional[dict[str, dict]] = None) -> dict:
     """The config file content for ``gpu`` (exact device name) from measured times (path
-    crossovers; with ``wide_times`` also the CTA-width crossover)."""
+    crossovers; with ``choices`` (see :func:`measure`) also the LUT kernel's per-layer choices that
+    were measured)."""
     cfg = {
         "name": f"{gpu} (autotuned {time.strftime('%Y-%m-%d')})",
         "match": [gpu],
@@ -117,9 +175,20 @@ def config_for(gpu: str, times: dict[str, dict[int, float]],
         "notes": "Written by `python -m flute_vllm autotune` (fp16 W4 g128, geo-mean over "
                  + ", ".join(SHAPES) + "); other keys come from the shipped configs/ file for this GPU.",
     }
-    if wide_times is not None:
-        cfg["lut_wide_cta_min_nk"] = choose_wide_min_nk(wide_times)
-        cfg["measured_wide_us"] = {str(nk): [round(a, 2), round(b, 2)] for nk, (a, b) in sorted(wide_times.items())}
+    choices = choices or {}
+
+    def measured(d):
+        return {str(nk): [round(a, 2), round(b, 2)] for nk, (a, b) in sorted(d.items())}
+
+    if "wide" in choices:
+        cfg["lut_wide_cta_min_nk"] = choose_wide_min_nk(choices["wide"])
+        cfg["measured_wide_us"] = measured(choices["wide"])
+    if "x_ahead" in choices:
+        cfg["lut_x_ahead_min_nk"], cfg["lut_x_ahead_max_nk"] = choose_x_ahead_range(choices["x_ahead"])
+        cfg["measured_x_ahead_us"] = measured(choices["x_ahead"])
+    if "mt4" in choices:
+        cfg["lut_wide_mt4_max_nk"] = choose_wide_mt4_max_nk(choices["mt4"])
+        cfg["measured_wide_mt4_us"] = measured(choices["mt4"])
     return cfg
 
 
@@ -141,13 +210,15 @@ def autotune(out: Optional[Path] = None, quick: bool = False) -> Path:
     gpu = torch.cuda.get_device_name()
     shapes = {"8B-o": SHAPES["8B-o"]} if quick else SHAPES
     wide_shapes = {s: WIDE_SHAPES[s] for s in ("8B-o", "8B-gate_up")} if quick else WIDE_SHAPES
-    times, wide_times = measure(shapes, wide_shapes)
-    path = write_config(config_for(gpu, times, wide_times), out)
+    times, choices = measure(shapes, wide_shapes)
+    path = write_config(config_for(gpu, times, choices), out)
     from . import cuda_op
 
     cuda_op._all_configs.cache_clear()  # this process picks the new config up too
     cuda_op.device_config.cache_clear()
     cfg = json.loads(path.read_text())
     print(f"{gpu}: dequant_min_m={cfg['dequant_min_m']} tc_min_m={cfg['tc_min_m']} tc_max_m={cfg['tc_max_m']} "
-          f"lut_wide_cta_min_nk={cfg['lut_wide_cta_min_nk']} ({time.time() - t0:.0f}s) -> {path}")
+          f"lut_wide_cta_min_nk={cfg['lut_wide_cta_min_nk']} lut_x_ahead_min_nk={cfg['lut_x_ahead_min_nk']} "
+          f"lut_x_ahead_max_nk={cfg['lut_x_ahead_max_nk']} lut_wide_mt4_max_nk={cfg.get('lut_wide_mt4_max_nk')} "
+          f"({time.time() - t0:.0f}s) -> {path}")
     return path

@@ -39,14 +39,42 @@ def test_wide_cta_threshold_from_times():
     t[117440512] = (29.0, 33.4)
     assert autotune.choose_wide_min_nk(t) == 234881024
     assert autotune.choose_wide_min_nk({1: (1.0, 2.0), 2: (1.0, 1.0)}) is None  # never (a tie is no win)
-    cfg = autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6), {1 << 26: (2.0, 1.0)})
+    cfg = autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6), {"wide": {1 << 26: (2.0, 1.0)}})
     assert cfg["lut_wide_cta_min_nk"] == 1 << 26 and cfg["measured_wide_us"] == {str(1 << 26): [2.0, 1.0]}
     assert "lut_wide_cta_min_nk" not in autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6))
     # null written by autotune overrides a shipped value (wide CTAs measured slower on this GPU)
     merged = cuda_op.resolve_config("NVIDIA H200", [*cuda_op._all_configs(),
                                                    {**autotune.config_for("NVIDIA H200", _times(lut=[10] * 6, dense=[30] * 6),
-                                                                          {1: (1.0, 2.0)}), "_file": "/abs/tuned.json"}])
+                                                                          {"wide": {1: (1.0, 2.0)}}), "_file": "/abs/tuned.json"}])
     assert merged["lut_wide_cta_min_nk"] is None
+
+
+def test_x_ahead_range_and_mt4_threshold_from_times():
+    # (best without x-ahead, 8 warps with it) at M = 1: the v13 H200 pattern, x-ahead wins up to
+    # 70B down and loses on 70B gate_up
+    t = {16777216: (8.9, 7.9), 25165824: (11.6, 9.9), 58720256: (16.5, 14.4), 117440512: (26.0, 25.5),
+         234881024: (43.2, 41.5), 469762048: (85.0, 89.1)}
+    assert autotune.choose_x_ahead_range(t) == (16777216, 234881024)
+    # the longest run of wins counts (not an isolated one); equally long: the one reaching further
+    t2 = {**t, 25165824: (9.9, 11.6)}
+    assert autotune.choose_x_ahead_range(t2) == (58720256, 234881024)
+    assert autotune.choose_x_ahead_range({1: (1.0, 2.0), 2: (3.0, 2.0), 3: (1.0, 2.0), 4: (3.0, 2.0)}) == (4, 4)
+    assert autotune.choose_x_ahead_range({1: (1.0, 1.0)}) == (None, None)
+    # (4 warps, 8 warps) at M = 32: wide wins from the smallest layer up to 70B o-sized layers
+    mt4 = {16777216: (21.7, 15.9), 25165824: (20.6, 20.4), 67108864: (38.0, 37.7), 117440512: (67.6, 67.5),
+           234881024: (99.9, 99.0), 469762048: (225.8, 226.0)}
+    mt4[117440512] = (67.5, 67.6)
+    assert autotune.choose_wide_mt4_max_nk(mt4) == 67108864
+    assert autotune.choose_wide_mt4_max_nk({1: (1.0, 2.0), 2: (2.0, 1.0)}) is None
+    cfg = autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6),
+                              {"wide": {1 << 26: (2.0, 1.0)}, "x_ahead": t, "mt4": mt4})
+    assert (cfg["lut_wide_cta_min_nk"], cfg["lut_x_ahead_min_nk"], cfg["lut_x_ahead_max_nk"],
+            cfg["lut_wide_mt4_max_nk"]) == (1 << 26, 16777216, 234881024, 67108864)
+    assert cfg["measured_x_ahead_us"][str(469762048)] == [85.0, 89.1]
+    # the tuned values drive dispatch: 70B gate_up stays without x-ahead, 70B down gets it
+    merged = {**cuda_op.resolve_config("Some Other GPU", cuda_op._all_configs()), **cfg, "sm_count": 132}
+    assert cuda_op.plan(1, 57344, 8192, merged, resident=3)["x_ahead"] == 0
+    assert cuda_op.plan(1, 8192, 28672, merged, resident=2)["x_ahead"] == 1
 
 
 def test_written_config_is_preferred_for_its_gpu(tmp_path, monkeypatch):
