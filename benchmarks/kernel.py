@@ -154,18 +154,35 @@ def write_markdown(records, path, gpu):
         lines += ["**No humming-kernels rows in this run**: it was not importable (or failed) on this machine "
                   "(the run log says why); install its wheel there (`.whl/` travels only when carried).", ""]
     best = best_flute(records)
+    # humming-kernels' geo-means beside ours (the issue's targets are set by the best int4 kernels)
+    others = {"humming": {(r["dtype"], r["bits"], r["group_size"], r["shape"], r["M"]): r
+                          for r in records if r["kernel"] == "humming"}}
     combos = sorted({(r["dtype"], r["bits"], r["group_size"]) for r in records})
     lines += ["## Geo-mean speedup vs cuBLAS over shapes", "",
-              "| dtype | bits | G | shapes | " + " | ".join(f"M={m}" for m in MS) + " |",
-              "|---|---|---|---|" + "---|" * len(MS)]
+              "`flute`: the best of our paths per case; `humming`: humming-kernels in the same run.", "",
+              "| dtype | bits | G | shapes | kernel | " + " | ".join(f"M={m}" for m in MS) + " |",
+              "|---|---|---|---|---|" + "---|" * len(MS)]
     for dt, b, g in combos:
-        for subset, names in (("full", FULL), ("all", list(SHAPES))):
-            cells = []
-            for m in MS:
-                v = [best[(dt, b, g, s, m)]["speedup_vs_cublas"] for s in names if (dt, b, g, s, m) in best]
-                cells.append(f"{geo(v):.2f}x" if v else "")
-            if any(cells):
-                lines.append(f"| {dt} | {b} | {g} | {subset} | " + " | ".join(cells) + " |")
+        for kern, recs_by in (("flute", best), *others.items()):
+            for subset, names in (("full", FULL), ("all", list(SHAPES))):
+                cells = []
+                for m in MS:
+                    v = [recs_by[(dt, b, g, s, m)]["speedup_vs_cublas"] for s in names if (dt, b, g, s, m) in recs_by]
+                    cells.append(f"{geo(v):.2f}x" if v else "")
+                if any(cells):
+                    lines.append(f"| {dt} | {b} | {g} | {subset} | {kern} | " + " | ".join(cells) + " |")
+    # the issue's 8B decode number: qkv + o + gate_up + down at M = 1, W4 g128
+    layer_sum = {}
+    for r in records:
+        if r["shape"] in ("8B-qkv", "8B-o", "8B-gate_up", "8B-down") and r["M"] == 1 and (r["bits"], r["group_size"]) == (4, 128):
+            kern = "flute" if r["kernel"].startswith("flute") else r["kernel"]
+            if kern != "flute" or best.get((r["dtype"], 4, 128, r["shape"], 1)) is r:
+                layer_sum.setdefault((r["dtype"], kern), []).append(r["us"])
+    sums = {k: sum(v) for k, v in layer_sum.items() if len(v) == 4}
+    if sums:
+        lines += ["", "8B layer sum at M = 1 (qkv + o + gate_up + down, W4 g128, µs): " + "; ".join(
+            f"{dt} " + ", ".join(f"{kern} {us:.1f}" for (d, kern), us in sorted(sums.items()) if d == dt)
+            for dt in sorted({d for d, _ in sums}))]
     lines += ["", "## M=1 W3/W2 vs W4 (same dtype, g128, time ratio W4/Wb, geo-mean over the 8 full shapes)", ""]
     for dt in sorted({r["dtype"] for r in records}):
         for b in (3, 2):

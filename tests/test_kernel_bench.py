@@ -115,6 +115,20 @@ def test_markdown_shows_a_humming_row_next_to_tinygemm(tmp_path):
     assert "8.0 (2.50x)" in hum and "8.0 (2.75x)" in hum
     assert any("`humming`" in ln for ln in lines)  # the kernel is described in the header
     assert not any("No humming-kernels rows" in ln for ln in lines)
+    # the summary has humming's geo-mean next to ours: 8B-qkv M=1 20/8 = 2.50x, ours 20/7
+    summary = {ln.split("|")[5].strip(): ln for ln in lines if ln.startswith("| bfloat16 | 4 | 128 | all |")}
+    assert "| 2.86x |" in summary["flute"] and "| 2.50x |" in summary["humming"]
+
+
+def test_markdown_reports_the_8b_layer_sum(tmp_path):
+    recs = []
+    for i, shape in enumerate(("8B-qkv", "8B-o", "8B-gate_up", "8B-down")):
+        for kern, us in (("cublas", 20.0 + i), ("flute", 10.0 + i), ("flute_tc", 5.0 + i), ("humming", 8.0)):
+            recs.append({**_rec(kern, 1, us, 20.0 + i), "shape": shape})
+    kernel.write_markdown(recs, tmp_path / "t.md", "GPU")
+    line = next(ln for ln in (tmp_path / "t.md").read_text().splitlines() if ln.startswith("8B layer sum"))
+    # ours: the best of our paths per layer (5+6+7+8); cuBLAS 20+21+22+23; humming 4 x 8
+    assert "flute 26.0" in line and "cublas 86.0" in line and "humming 32.0" in line
 
 
 def test_markdown_has_no_humming_row_without_records(tmp_path):
