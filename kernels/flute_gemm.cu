@@ -64,6 +64,14 @@
 #ifndef FLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS
 #define FLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS 2  // ... its x-ahead variant: 2 CTAs (128 registers; at 80 it spills 40 B)
 #endif
+#ifndef FLUTE_LUT_X_AHEAD_W23_MT
+#define FLUTE_LUT_X_AHEAD_W23_MT 0  // experiment: 2/3-bit kernels with MT == this load the activations one chunk
+                                    // ahead (the 4-bit x-ahead's gain at M <= 8 was the LDG latency, which the
+                                    // register decode of 2/3-bit waits on too; 0: none)
+#endif
+#ifndef FLUTE_LUT_MT1_XA_MIN_BLOCKS
+#define FLUTE_LUT_MT1_XA_MIN_BLOCKS 4  // 4-warp MT = 1 kernels with x-ahead (the experiment above): 128 registers
+#endif
 // FLUTE_LUT_MT1_TILES / MT2_TILES / MT4_TILES (flute_kernel.h): weight tiles per warp at MT = 1 / 2 / 4.
 // 2 tiles amortise the per-chunk ring, activation-load and loop work over two tiles (v9 at MT = 1).
 // FLUTE_LUT_WIDE_MAX_MT (flute_kernel.h): the largest MT with 8-warp CTAs (4; v12 and before: 2).
@@ -74,16 +82,20 @@ namespace flute {
 namespace {
 
 // Resident CTAs per SM asked of ptxas (register cap), from the knobs above: 4-warp CTAs MT = 1: 96
-// registers, MT = 2: 128, MT >= 4: 3 (<= 170 registers); 8-warp CTAs MT = 1: 80, MT >= 2: 128.
+// registers (x-ahead: 128), MT = 2: 128, MT >= 4: 3 (<= 170 registers); 8-warp CTAs MT = 1: 80
+// (x-ahead: 128), MT >= 2: 128.
 template <int MT, int W, bool XA> struct MinBlocks {
   static constexpr int value = W == kWideWarpsPerCta
                                    ? (MT == 1 ? (XA ? FLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS : FLUTE_LUT_WIDE_MT1_MIN_BLOCKS)
                                               : FLUTE_LUT_WIDE_MT2_MIN_BLOCKS)
-                                   : MT == 1 ? FLUTE_LUT_MT1_MIN_BLOCKS : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
+                                   : MT == 1 ? (XA ? FLUTE_LUT_MT1_XA_MIN_BLOCKS : FLUTE_LUT_MT1_MIN_BLOCKS)
+                                   : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
 };
 // Whether the (BITS, MT, W) kernel loads the activations one chunk ahead: fixed by
-// FLUTE_LUT_X_AHEAD_MT, except where gemm_x_ahead_variant() offers both (chosen per launch).
-template <int BITS, int MT, int W> constexpr bool kXAheadDefault = BITS == 4 && MT == FLUTE_LUT_X_AHEAD_MT;
+// FLUTE_LUT_X_AHEAD_MT (4-bit) / FLUTE_LUT_X_AHEAD_W23_MT (2/3-bit), except where
+// gemm_x_ahead_variant() offers both (chosen per launch).
+template <int BITS, int MT, int W>
+constexpr bool kXAheadDefault = BITS == 4 ? MT == FLUTE_LUT_X_AHEAD_MT : MT == FLUTE_LUT_X_AHEAD_W23_MT;
 // Kernels that decode (some) k-steps through a table in shared memory: 4-bit (pair table) and,
 // as an experiment, 2-bit (quad table).
 template <int BITS> constexpr bool kSmemTable = BITS == 4 || (BITS == 2 && FLUTE_LUT_W2_QUAD_STEPS != 0);
@@ -258,7 +270,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
       const T* xr[MT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) xr[mt] = xrow[mt] + (cb << 6);
-      uint4 xa_n[MT], xb_n[MT];  // XA: the next chunk's activation fragments
+      [[maybe_unused]] uint4 xa_n[MT], xb_n[MT];  // XA: the next chunk's activation fragments
       auto load_x = [&](uint4 (&a)[MT], uint4 (&b)[MT], bool half) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -289,7 +301,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
             if constexpr (BITS == 3) f[nt].w[2] = sw[64 + lane];
           }
         }
-        uint32_t s2[NT][2][2];  // FOLD: [tile][chunk half][row g / g + 8] scale pairs of this chunk
+        [[maybe_unused]] uint32_t s2[NT][2][2];  // FOLD: [tile][chunk half][row g / g + 8] scale pairs of this chunk
         if constexpr (FOLD) {
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
