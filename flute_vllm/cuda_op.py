@@ -364,7 +364,15 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
 
     At m_tiles = 4 (M = 17-32) the other way round: 8 warps (one folded tile per warp) for N*K <=
     ``lut_wide_mt4_max_nk`` (null: never), where 4-warp CTAs are too few (H200 v13 A/B: 8B o at
-    M = 17/32 17.3 -> 13.9 / 21.7 -> 15.9 us; with every layer wide, v12: 70B gate_up 226 -> 255 us)."""
+    M = 17/32 17.3 -> 13.9 / 21.7 -> 15.9 us; with every layer wide, v12: 70B gate_up 226 -> 255 us).
+
+    2-bit at m_tiles = 1: 8 warps (whose 2-bit kernels decode through one shared quad table,
+    kernels/flute_gemm.cu FLUTE_LUT_W2_WIDE_QUAD_STEPS) for N*K >= ``lut_w2_wide_min_nk`` (null:
+    never; v11 A/B at M = 1: 70B down 49.9 -> 43.1 us, small layers slower). 3-bit: always 4."""
+    if bits == 2:
+        min_nk = cfg.get("lut_w2_wide_min_nk")
+        wide = m_tiles == 1 and min_nk is not None and n * k >= min_nk
+        return WIDE_WARPS_PER_CTA if wide else WARPS_PER_CTA
     if bits != 4:
         return WARPS_PER_CTA
     if m_tiles <= 2:

@@ -39,6 +39,12 @@
 #ifndef FLUTE_LUT_W2_QUAD_STEPS
 #define FLUTE_LUT_W2_QUAD_STEPS 0  // experiment: bit s set = 2-bit k-step s decodes through the shared quad table
 #endif
+#ifndef FLUTE_LUT_W2_WIDE_QUAD_STEPS
+#define FLUTE_LUT_W2_WIDE_QUAD_STEPS 15  // ... the same for 2-bit 8-warp CTAs, which share one 32 KB quad table
+                                         // (v11 A/B at M = 1, 8-warp quad vs the 4-warp permute decode: 70B down
+                                         // 49.9 -> 43.1 us, 70B gate_up 91.2 -> 87.4, small layers slower);
+                                         // cuda_op.warps_for runs them per layer (lut_w2_wide_min_nk)
+#endif
 #ifndef FLUTE_LUT_MT1_MIN_BLOCKS
 #define FLUTE_LUT_MT1_MIN_BLOCKS 5  // MT = 1 resident CTAs per SM asked of ptxas (5: a 96-register cap; 8: 64)
 #endif
@@ -96,9 +102,12 @@ template <int MT, int W, bool XA> struct MinBlocks {
 // gemm_x_ahead_variant() offers both (chosen per launch).
 template <int BITS, int MT, int W>
 constexpr bool kXAheadDefault = BITS == 4 ? MT == FLUTE_LUT_X_AHEAD_MT : MT == FLUTE_LUT_X_AHEAD_W23_MT;
-// Kernels that decode (some) k-steps through a table in shared memory: 4-bit (pair table) and,
-// as an experiment, 2-bit (quad table).
-template <int BITS> constexpr bool kSmemTable = BITS == 4 || (BITS == 2 && FLUTE_LUT_W2_QUAD_STEPS != 0);
+// 2-bit k-steps (bit s = step s) that decode through the shared quad table, per CTA width.
+template <int BITS, int W>
+constexpr int kQuadSteps = BITS != 2 ? 0 : W == kWideWarpsPerCta ? FLUTE_LUT_W2_WIDE_QUAD_STEPS : FLUTE_LUT_W2_QUAD_STEPS;
+// Kernels that decode (some) k-steps through a table in shared memory: 4-bit (pair table) and
+// 2-bit with quad steps (quad table).
+template <int BITS, int W> constexpr bool kSmemTable = BITS == 4 || kQuadSteps<BITS, W> != 0;
 
 // Pair-table copies: a 4-warp CTA keeps 16 (16 KB, <= 2-way bank conflicts) to keep its occupancy;
 // an 8-warp CTA shares 32 conflict-free copies (32 KB) among twice the warps.
@@ -109,7 +118,8 @@ template <int BITS, int MT, int NT, int W, bool XA, typename T>
 __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gemm_kernel(const GemmParams p) {
   using Ops = TypeOps<T>;
   using Pair = LutPairTable<W>;
-  constexpr bool SMEM_TABLE = kSmemTable<BITS>;
+  constexpr bool SMEM_TABLE = kSmemTable<BITS, W>;
+  constexpr int QUAD_STEPS = kQuadSteps<BITS, W>;
   constexpr int STAGES = FLUTE_LUT_STAGES;
   // Wide CTAs at MT >= 4 always fold (their one tile per warp must fit the 128-register cap).
   constexpr bool FOLD = MT >= FLUTE_LUT_FOLD_MIN_MT || (W == kWideWarpsPerCta && MT >= 4);
@@ -254,7 +264,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
     // 4-bit: FLUTE-style pair table in shared memory (LutPairTable, see PairTable): entry e (two
     // 4-bit indices) -> (T[e & 15], T[e >> 4]) as a 16-bit pair = one mma A register. Built from the
     // table of the CTA's first tile; warps whose tile uses another table (a shard boundary inside
-    // the CTA) decode with byte permutes instead. (2-bit experiment: the quad table, likewise.)
+    // the CTA) decode with byte permutes instead. (2-bit with quad steps: the quad table, likewise.)
     if constexpr (BITS == 4) {
       build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
@@ -331,7 +341,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
       if constexpr (PAIR && BITS == 4) {                                                        \
         if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
         else decode_pair<S, Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, a);              \
-      } else if constexpr (PAIR && BITS == 2 && ((FLUTE_LUT_W2_QUAD_STEPS >> S) & 1)) {         \
+      } else if constexpr (PAIR && BITS == 2 && ((QUAD_STEPS >> S) & 1)) {                      \
         decode_quad<S>(f[nt].w[S >> 1], pair_lane, a);                                          \
       } else {                                                                                  \
         decode<BITS, S>(f[nt], tb[nt], a);                                                      \
@@ -515,7 +525,7 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
 }
 
 template <int BITS, int NT, int W> constexpr int pair_smem_bytes() {
-  return BITS == 4 ? LutPairTable<W>::kBytes : kSmemTable<BITS> ? QuadTable::kBytes : 0;
+  return BITS == 4 ? LutPairTable<W>::kBytes : kSmemTable<BITS, W> ? QuadTable::kBytes : 0;
 }
 
 // Opt in to > 48 KB of shared memory (static ring + dynamic pair table); done once per kernel.

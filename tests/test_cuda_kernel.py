@@ -465,7 +465,11 @@ def test_wide_ctas_only_where_configured_cpu():
     assert cuda_op.warps_for(4, 1, 57344, 8192, cfg) == 8
     assert cuda_op.warps_for(4, 2, 57344, 8192, cfg) == 8
     assert cuda_op.warps_for(4, 4, 57344, 8192, cfg) == 4   # m_tiles 4: no lut_wide_mt4_max_nk
-    assert cuda_op.warps_for(3, 1, 57344, 8192, cfg) == 4   # 2/3-bit: not measured wide
+    assert cuda_op.warps_for(3, 1, 57344, 8192, cfg) == 4   # 2/3-bit: by their own rule
+    assert cuda_op.warps_for(2, 1, 57344, 8192, cfg) == 4   # no lut_w2_wide_min_nk
+    w2 = {**cfg, "lut_w2_wide_min_nk": 1 << 27}
+    assert [cuda_op.warps_for(2, mt, 57344, 8192, w2) for mt in (1, 2, 4)] == [8, 4, 4]
+    assert cuda_op.warps_for(2, 1, 4096, 4096, w2) == 4 and cuda_op.warps_for(3, 1, 57344, 8192, w2) == 4
     assert cuda_op.warps_for(4, 1, 4096, 4096, cfg) == 4    # small layer
     assert cuda_op.warps_for(4, 1, 57344, 8192, {**cfg, "lut_wide_cta_min_nk": None}) == 4
     assert cuda_op.warps_for(4, 1, 57344, 8192, {}) == 4
