@@ -354,21 +354,21 @@ def x_ahead_for(bits: int, m_tiles: int, warps: int, n: int, k: int, cfg: dict) 
 
 
 def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
-    """Warps per CTA of the mma.sync kernel: 8 (one conflict-free 32 KB pair table shared by 8
-    warps; kernels/flute_kernel.h gemm_wide_ok) for 4-bit, m_tiles <= 2 and N*K >= the config's
-    ``lut_wide_cta_min_nk`` (null: never), else 4. Wide CTAs win where the pair-table lookups on
-    the L1/shared pipe bound the kernel (large layers) and lose on small ones (fewer, longer CTAs);
-    2/3-bit decode in registers and were not measured wide. At m_tiles = 1, layers in the x-ahead
-    range (:func:`x_ahead_for`) are wide too: the x-ahead variant exists for 8-warp CTAs only, and
-    wins on small layers as well (H200 v13: 8B qkv M=1 11.6 -> 9.9 us, 8B o 8.9 -> 7.9).
+    """Warps per CTA of the mma.sync kernel, per layer from the config: 8 (kernels/flute_kernel.h
+    gemm_wide_ok; the 8 warps share one conflict-free table in shared memory) or 4.
 
-    At m_tiles = 4 (M = 17-32) the other way round: 8 warps (one folded tile per warp) for N*K <=
-    ``lut_wide_mt4_max_nk`` (null: never), where 4-warp CTAs are too few (H200 v13 A/B: 8B o at
-    M = 17/32 17.3 -> 13.9 / 21.7 -> 15.9 us; with every layer wide, v12: 70B gate_up 226 -> 255 us).
-
-    2-bit at m_tiles = 1: 8 warps (whose 2-bit kernels decode through one shared quad table,
-    kernels/flute_gemm.cu FLUTE_LUT_W2_WIDE_QUAD_STEPS) for N*K >= ``lut_w2_wide_min_nk`` (null:
-    never; v11 A/B at M = 1: 70B down 49.9 -> 43.1 us, small layers slower). 3-bit: always 4."""
+    - 4-bit, m_tiles <= 2: 8 for N*K >= ``lut_wide_cta_min_nk`` (null: never), where the pair-table
+      lookups on the L1/shared pipe bound the kernel (large layers; small ones lose: fewer, longer
+      CTAs); at m_tiles = 1 also for layers in the x-ahead range (:func:`x_ahead_for`), whose
+      variant exists for 8-warp CTAs only and wins on small layers too (H200 v13: 8B qkv M=1
+      11.6 -> 9.9 us, 8B o 8.9 -> 7.9).
+    - 4-bit, m_tiles = 4 (M = 17-32), the other way round: 8 (one folded tile per warp) for N*K <=
+      ``lut_wide_mt4_max_nk`` (null: never), where 4-warp CTAs are too few (H200 v13 A/B: 8B o at
+      M = 17/32 17.3 -> 13.9 / 21.7 -> 15.9 us; with every layer wide, v12: 70B gate_up 226 -> 255 us).
+    - 2-bit, m_tiles = 1: 8 (whose 2-bit kernels decode through one shared quad table,
+      FLUTE_LUT_W2_WIDE_QUAD_STEPS) for N*K >= ``lut_w2_wide_min_nk`` (null: never; v11 A/B at
+      M = 1: 70B down 49.9 -> 43.1 us, small layers slower).
+    - Otherwise 4 (3-bit in 8-warp CTAs measured no faster, v11)."""
     if bits == 2:
         min_nk = cfg.get("lut_w2_wide_min_nk")
         wide = m_tiles == 1 and min_nk is not None and n * k >= min_nk
