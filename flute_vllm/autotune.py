@@ -16,7 +16,9 @@ writes where they win:
   against the better of the two widths without it (``cuda_op.x_ahead_for``): the longest run of
   consecutive measured N*K where it wins (null max: never);
 - ``lut_wide_mt4_max_nk``: at M = 32 (m_tiles 4), 4 or 8 warps: the N*K up to which the wide CTAs
-  win from the smallest layer on (null: never).
+  win from the smallest layer on (null: never);
+- ``lut_w2_wide_min_nk``: 2-bit at M = 1, 4 warps (register decode) or 8 (shared quad table): the
+  N*K from which the wide CTAs win (null: never).
 """
 from __future__ import annotations
 
@@ -125,15 +127,16 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
     """On the current GPU, 4-bit: geo-mean µs per path and M over ``shapes``, and for each of
     ``wide_shapes`` the LUT kernel's per-layer choices: ``{"wide": {n * k: (µs 4 warps, µs 8 warps)}
     summed over wide_ms without x-ahead, "x_ahead": {n * k: (µs best width without, µs 8 warps with
-    x-ahead)} at X_AHEAD_M, "mt4": {n * k: (µs 4 warps, µs 8 warps)} at MT4_M}`` ("mt4" only when the
-    build has 8-warp CTAs there). Each layer is built once, for all measurements."""
+    x-ahead)} at X_AHEAD_M, "mt4": {n * k: (µs 4 warps, µs 8 warps)} at MT4_M, "w2_wide": the same
+    for 2-bit at X_AHEAD_M}`` ("mt4" only when the build has 8-warp CTAs there). Each layer is built
+    once (4-bit; and 2-bit for the last measurement)."""
     from . import cuda_op
     from .timing import Layer, time_graph
 
     dev = torch.cuda.current_device()
     paths = ["lut", "dense"] + (["tc"] if cuda_op.tc_available(dev) else [])
     per: dict[str, dict[int, list[float]]] = {p: {m: [] for m in ms} for p in paths}
-    choices: dict[str, dict] = {"wide": {}, "x_ahead": {}}
+    choices: dict[str, dict] = {"wide": {}, "x_ahead": {}, "w2_wide": {}}
     if cuda_op.wide_ok(cuda_op.m_tiles_for(MT4_M)):
         choices["mt4"] = {}
     narrow_w, wide_w = cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA
@@ -158,6 +161,12 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
             choices["x_ahead"][n * k] = (min(plain), timed(X_AHEAD_M, force_path="lut", warps=wide_w, x_ahead=1))
             if "mt4" in choices:
                 choices["mt4"][n * k] = tuple(timed(MT4_M, force_path="lut", warps=w) for w in (narrow_w, wide_w))
+            w2 = Layer(n, k, 2, group_size, dtype)
+            x1 = torch.randn(X_AHEAD_M, k, device="cuda", dtype=dtype)
+            choices["w2_wide"][n * k] = tuple(
+                time_graph([lambda c=c, w=w: cuda_op.gemm(x1, c[0], c[1], c[2], 2, group_size, force_path="lut", warps=w)
+                            for c in w2.copies], 50, replays=3) for w in (narrow_w, wide_w))
+            del w2
         del layer
         torch.cuda.empty_cache()
     return {p: {m: statistics.geometric_mean(v) for m, v in d.items()} for p, d in per.items()}, choices
@@ -189,6 +198,9 @@ def config_for(gpu: str, times: dict[str, dict[int, float]], choices: Optional[d
     if "mt4" in choices:
         cfg["lut_wide_mt4_max_nk"] = choose_wide_mt4_max_nk(choices["mt4"])
         cfg["measured_wide_mt4_us"] = measured(choices["mt4"])
+    if "w2_wide" in choices:
+        cfg["lut_w2_wide_min_nk"] = choose_wide_min_nk(choices["w2_wide"])
+        cfg["measured_w2_wide_us"] = measured(choices["w2_wide"])
     return cfg
 
 
@@ -220,5 +232,6 @@ def autotune(out: Optional[Path] = None, quick: bool = False) -> Path:
     print(f"{gpu}: dequant_min_m={cfg['dequant_min_m']} tc_min_m={cfg['tc_min_m']} tc_max_m={cfg['tc_max_m']} "
           f"lut_wide_cta_min_nk={cfg['lut_wide_cta_min_nk']} lut_x_ahead_min_nk={cfg['lut_x_ahead_min_nk']} "
           f"lut_x_ahead_max_nk={cfg['lut_x_ahead_max_nk']} lut_wide_mt4_max_nk={cfg.get('lut_wide_mt4_max_nk')} "
+          f"lut_w2_wide_min_nk={cfg['lut_w2_wide_min_nk']} "
           f"({time.time() - t0:.0f}s) -> {path}")
     return path

@@ -66,15 +66,20 @@ def test_x_ahead_range_and_mt4_threshold_from_times():
     mt4[117440512] = (67.5, 67.6)
     assert autotune.choose_wide_mt4_max_nk(mt4) == 67108864
     assert autotune.choose_wide_mt4_max_nk({1: (1.0, 2.0), 2: (2.0, 1.0)}) is None
+    # 2-bit (4 warps, 8 warps with the quad table) at M = 1, the v11 pattern: wide wins on large layers
+    w2 = {16777216: (8.0, 9.0), 117440512: (29.3, 27.2), 234881024: (49.9, 43.1), 469762048: (91.2, 87.4)}
     cfg = autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6),
-                              {"wide": {1 << 26: (2.0, 1.0)}, "x_ahead": t, "mt4": mt4})
+                              {"wide": {1 << 26: (2.0, 1.0)}, "x_ahead": t, "mt4": mt4, "w2_wide": w2})
     assert (cfg["lut_wide_cta_min_nk"], cfg["lut_x_ahead_min_nk"], cfg["lut_x_ahead_max_nk"],
-            cfg["lut_wide_mt4_max_nk"]) == (1 << 26, 16777216, 234881024, 67108864)
+            cfg["lut_wide_mt4_max_nk"], cfg["lut_w2_wide_min_nk"]) == (1 << 26, 16777216, 234881024, 67108864,
+                                                                      117440512)
     assert cfg["measured_x_ahead_us"][str(469762048)] == [85.0, 89.1]
     # the tuned values drive dispatch: 70B gate_up stays without x-ahead, 70B down gets it
     merged = {**cuda_op.resolve_config("Some Other GPU", cuda_op._all_configs()), **cfg, "sm_count": 132}
     assert cuda_op.plan(1, 57344, 8192, merged, resident=3)["x_ahead"] == 0
     assert cuda_op.plan(1, 8192, 28672, merged, resident=2)["x_ahead"] == 1
+    assert cuda_op.plan(1, 8192, 28672, merged, resident=2, bits=2)["warps"] == 8
+    assert cuda_op.plan(1, 4096, 4096, merged, resident=5, bits=2)["warps"] == 4
 
 
 def test_written_config_is_preferred_for_its_gpu(tmp_path, monkeypatch):
