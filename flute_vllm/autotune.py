@@ -17,8 +17,8 @@ writes where they win:
   consecutive measured N*K where it wins (null max: never);
 - ``lut_wide_mt4_max_nk``: at M = 32 (m_tiles 4), 4 or 8 warps: the N*K up to which the wide CTAs
   win from the smallest layer on (null: never);
-- ``lut_w2_wide_min_nk``: 2-bit at M = 1, 4 warps (register decode) or 8 (shared quad table): the
-  N*K from which the wide CTAs win (null: never).
+- ``lut_w2_wide_min_nk``: 2-bit at M = 1, 4 or 8 warps (8: the shared quad table in builds with
+  FLUTE_LUT_W2_WIDE_QUAD_STEPS): the N*K from which the wide CTAs win (null: never).
 """
 from __future__ import annotations
 
@@ -143,10 +143,10 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
     for name, (n, k) in {**shapes, **wide_shapes}.items():
         layer = Layer(n, k, 4, group_size, dtype)
 
-        def timed(m, **kw):
+        def timed(m, lay=layer, **kw):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            return time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], 4, group_size, **kw)
-                               for c in layer.copies], 50, replays=3)
+            return time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], lay.bits, group_size, **kw)
+                               for c in lay.copies], 50, replays=3)
 
         if name in shapes:
             for m in ms:
@@ -162,10 +162,7 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
             if "mt4" in choices:
                 choices["mt4"][n * k] = tuple(timed(MT4_M, force_path="lut", warps=w) for w in (narrow_w, wide_w))
             w2 = Layer(n, k, 2, group_size, dtype)
-            x1 = torch.randn(X_AHEAD_M, k, device="cuda", dtype=dtype)
-            choices["w2_wide"][n * k] = tuple(
-                time_graph([lambda c=c, w=w: cuda_op.gemm(x1, c[0], c[1], c[2], 2, group_size, force_path="lut", warps=w)
-                            for c in w2.copies], 50, replays=3) for w in (narrow_w, wide_w))
+            choices["w2_wide"][n * k] = tuple(timed(X_AHEAD_M, w2, force_path="lut", warps=w) for w in (narrow_w, wide_w))
             del w2
         del layer
         torch.cuda.empty_cache()

@@ -353,6 +353,16 @@ def x_ahead_for(bits: int, m_tiles: int, warps: int, n: int, k: int, cfg: dict) 
     return int(x_ahead_variant(bits, m_tiles, warps) and _x_ahead_layer(n, k, cfg))
 
 
+def _x_ahead_of(bits: int, m_tiles: int, warps: int, n: int, k: int, cfg: dict, x_ahead: Optional[int]) -> int:
+    """The x-ahead variant to launch: the caller's (0 / 1) or :func:`x_ahead_for`'s choice; a forced 1
+    where the kernel has no such variant is an error."""
+    xa = x_ahead_for(bits, m_tiles, warps, n, k, cfg) if x_ahead is None else int(bool(x_ahead))
+    if xa and not x_ahead_variant(bits, m_tiles, warps):
+        _fail(f"x_ahead=1 needs the 4-bit {WIDE_WARPS_PER_CTA}-warp kernel at m_tiles=1 "
+              f"(bits={bits}, m_tiles={m_tiles}, warps={warps})")
+    return xa
+
+
 def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
     """Warps per CTA of the mma.sync kernel, per layer from the config: 8 (kernels/flute_kernel.h
     gemm_wide_ok; the 8 warps share one conflict-free table in shared memory) or 4.
@@ -365,9 +375,9 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
     - 4-bit, m_tiles = 4 (M = 17-32), the other way round: 8 (one folded tile per warp) for N*K <=
       ``lut_wide_mt4_max_nk`` (null: never), where 4-warp CTAs are too few (H200 v13 A/B: 8B o at
       M = 17/32 17.3 -> 13.9 / 21.7 -> 15.9 us; with every layer wide, v12: 70B gate_up 226 -> 255 us).
-    - 2-bit, m_tiles = 1: 8 (whose 2-bit kernels decode through one shared quad table,
-      FLUTE_LUT_W2_WIDE_QUAD_STEPS) for N*K >= ``lut_w2_wide_min_nk`` (null: never; v11 A/B at
-      M = 1: 70B down 49.9 -> 43.1 us, small layers slower).
+    - 2-bit, m_tiles = 1: 8 for N*K >= ``lut_w2_wide_min_nk`` (null: never), meant for builds whose
+      2-bit 8-warp kernels decode through one shared quad table (FLUTE_LUT_W2_WIDE_QUAD_STEPS, an
+      experiment; v11 A/B at M = 1: 70B down 49.9 -> 43.1 us, small layers slower).
     - Otherwise 4 (3-bit in 8-warp CTAs measured no faster, v11)."""
     if bits == 2:
         min_nk = cfg.get("lut_w2_wide_min_nk")
@@ -392,10 +402,7 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
     model with ``resident`` CTAs per SM and ``cta_overhead_chunks``)."""
     mt = m_tiles or m_tiles_for(m)
     w = warps or warps_for(bits, mt, n, k, cfg)
-    xa = x_ahead_for(bits, mt, w, n, k, cfg) if x_ahead is None else int(bool(x_ahead))
-    if xa and not x_ahead_variant(bits, mt, w):
-        _fail(f"x_ahead=1 needs the 4-bit {WIDE_WARPS_PER_CTA}-warp kernel at m_tiles=1 "
-              f"(bits={bits}, m_tiles={mt}, warps={w})")
+    xa = _x_ahead_of(bits, mt, w, n, k, cfg, x_ahead)
     if w not in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) or (w == WIDE_WARPS_PER_CTA and not wide_ok(mt)):
         _fail(f"warps={w} must be {WARPS_PER_CTA}, or {WIDE_WARPS_PER_CTA} where the build has wide CTAs "
               f"(m_tiles <= {WIDE_MAX_M_TILES} by default; m_tiles={mt})")
@@ -415,8 +422,8 @@ def device_plan(m: int, n: int, k: int, bits: int, dtype: torch.dtype, device_in
     with the resident CTAs per SM of the kernel they select."""
     mt = m_tiles or m_tiles_for(m)
     w = warps or warps_for(bits, mt, n, k, cfg)
-    xa = x_ahead_for(bits, mt, w, n, k, cfg) if x_ahead is None else int(bool(x_ahead))
-    resident = _ctas_per_sm(bits, mt, str(dtype).split(".")[-1], device_index, w, xa if x_ahead_variant(bits, mt, w) else 0)
+    xa = _x_ahead_of(bits, mt, w, n, k, cfg, x_ahead)
+    resident = _ctas_per_sm(bits, mt, str(dtype).split(".")[-1], device_index, w, xa)
     return plan(m, n, k, cfg, mt, splits, resident, w, bits, xa)
 
 

@@ -40,10 +40,11 @@
 #define FLUTE_LUT_W2_QUAD_STEPS 0  // experiment: bit s set = 2-bit k-step s decodes through the shared quad table
 #endif
 #ifndef FLUTE_LUT_W2_WIDE_QUAD_STEPS
-#define FLUTE_LUT_W2_WIDE_QUAD_STEPS 15  // ... the same for 2-bit 8-warp CTAs, which share one 32 KB quad table
-                                         // (v11 A/B at M = 1, 8-warp quad vs the 4-warp permute decode: 70B down
-                                         // 49.9 -> 43.1 us, 70B gate_up 91.2 -> 87.4, small layers slower);
-                                         // cuda_op.warps_for runs them per layer (lut_w2_wide_min_nk)
+#define FLUTE_LUT_W2_WIDE_QUAD_STEPS 0  // experiment: the same for 2-bit 8-warp CTAs, which share one 32 KB quad
+                                        // table (v11 A/B at M = 1, 8-warp quad (15) vs the 4-warp permute decode:
+                                        // 70B down 49.9 -> 43.1 us, 70B gate_up 91.2 -> 87.4, small layers slower;
+                                        // off until GPU-run again); cuda_op.warps_for runs 2-bit 8-warp CTAs per
+                                        // layer (lut_w2_wide_min_nk)
 #endif
 #ifndef FLUTE_LUT_MT1_MIN_BLOCKS
 #define FLUTE_LUT_MT1_MIN_BLOCKS 5  // MT = 1 resident CTAs per SM asked of ptxas (5: a 96-register cap; 8: 64)
@@ -97,10 +98,10 @@ template <int MT, int W, bool XA> struct MinBlocks {
                                    : MT == 1 ? (XA ? FLUTE_LUT_MT1_XA_MIN_BLOCKS : FLUTE_LUT_MT1_MIN_BLOCKS)
                                    : MT == 2 ? FLUTE_LUT_MT2_MIN_BLOCKS : 3;
 };
-// Whether the (BITS, MT, W) kernel loads the activations one chunk ahead: fixed by
+// Whether the (BITS, MT) kernels load the activations one chunk ahead: fixed by
 // FLUTE_LUT_X_AHEAD_MT (4-bit) / FLUTE_LUT_X_AHEAD_W23_MT (2/3-bit), except where
 // gemm_x_ahead_variant() offers both (chosen per launch).
-template <int BITS, int MT, int W>
+template <int BITS, int MT>
 constexpr bool kXAheadDefault = BITS == 4 ? MT == FLUTE_LUT_X_AHEAD_MT : MT == FLUTE_LUT_X_AHEAD_W23_MT;
 // 2-bit k-steps (bit s = step s) that decode through the shared quad table, per CTA width.
 template <int BITS, int W>
@@ -564,7 +565,7 @@ R with_x_ahead(int x_ahead, F&& f) {
   if constexpr (gemm_x_ahead_variant(BITS, MT, W)) {
     return x_ahead ? f(std::true_type{}) : f(std::false_type{});
   } else {
-    return f(std::integral_constant<bool, kXAheadDefault<BITS, MT, W>>{});
+    return f(std::integral_constant<bool, kXAheadDefault<BITS, MT>>{});
   }
 }
 

@@ -539,7 +539,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
              "-DFLUTE_LUT_WIDE_MT1_MIN_BLOCKS=2", "-DFLUTE_LUT_WIDE_MT2_MIN_BLOCKS=3",
              "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
              "-DFLUTE_LUT_WIDE_MAX_MT=2", "-DFLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS=3", "-DFLUTE_LUT_X_AHEAD_W23_MT=1",
-             "-DFLUTE_LUT_MT1_XA_MIN_BLOCKS=5"]
+             "-DFLUTE_LUT_MT1_XA_MIN_BLOCKS=5", "-DFLUTE_LUT_W2_WIDE_QUAD_STEPS=15"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
