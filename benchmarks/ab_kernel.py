@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 REL_ERR_MAX = 1e-2  # vs the fp32 dequantize + matmul of the same weights (fp16/bf16 rounding is ~1e-3)
 
 
-VARIANT_OPTIONS = {"4": ("--warps", "4"), "8": ("--warps", "8"), "xa0": ("--x-ahead", "0"), "xa1": ("--x-ahead", "1")}
+VARIANT_OPTIONS = {"4": ("--warps", "4"), "8": ("--warps", "8"), "xa0": ("--x-ahead", "0"), "xa1": ("--x-ahead", "1"),
+                   **{p: ("--path", p) for p in ("lut", "tc", "dense")},
+                   **{f"bm{b}": ("--block-m", str(b)) for b in cuda_op.TC_BLOCK_MS}}
 
 
 def parse_variant(spec: str) -> tuple[str, str]:
@@ -52,8 +54,10 @@ def parse_variant(spec: str) -> tuple[str, str]:
 
 def variant_args(name: str, args) -> list[str]:
     """The worker's launch options for a variant: its ``@`` suffix (4 / 8: LUT-kernel CTA width;
-    xa0 / xa1: the x-ahead variant, cuda_op.x_ahead_for), else ``--warps`` / ``--x-ahead``."""
-    opts = {"--warps": str(args.warps), "--x-ahead": str(args.x_ahead)}
+    xa0 / xa1: the x-ahead variant, cuda_op.x_ahead_for; lut / tc / dense: the path; bm8 ... bm256:
+    the tensor-core path's block_m), else ``--warps`` / ``--x-ahead`` / ``--path`` / ``--block-m``."""
+    opts = {"--warps": str(args.warps), "--x-ahead": str(args.x_ahead), "--path": args.path,
+            "--block-m": str(args.block_m)}
     _, at, suffix = name.partition("@")
     for o in suffix.split(",") if at else []:
         flag, value = VARIANT_OPTIONS[o]
@@ -100,6 +104,7 @@ def worker(args) -> None:
             # a variant is only worth its time if it is right: vs dequantize + matmul (separate kernel)
             q, sc, tb = layer.copies[0]
             kw = dict(force_path=args.path, warps=args.warps or None, x_ahead=None if args.x_ahead < 0 else args.x_ahead,
+                      block_m=args.block_m or None,
                       slab_bytes=None if args.slab_bytes < 0 else args.slab_bytes)
             got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, **kw).float()
             w = cuda_op.dequantize_kernel_layout(q, sc, tb, args.bits, args.group_size, k).float()
@@ -112,7 +117,7 @@ def worker(args) -> None:
             print(json.dumps(dict(shape=name, N=n, K=k, M=m, us=round(us, 3), cublas_us=round(cublas, 3),
                                   rel_err=float(f"{rel_err:.2e}"),
                                   flags=flags, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
-                                  path=args.path, warps=args.warps, x_ahead=args.x_ahead,
+                                  path=args.path, warps=args.warps, x_ahead=args.x_ahead, block_m=args.block_m,
                                   slab_bytes=args.slab_bytes)), flush=True)
         del layer, dense
         torch.cuda.empty_cache()
@@ -122,7 +127,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-v", "--variant", action="append", default=[],
                     help="NAME=NVCC_FLAGS (repeat; first = baseline); NAME@8=... times that variant with 8-warp "
-                         "CTAs, NAME@xa1=... with the x-ahead kernel variant (NAME@8,xa1=...: both)")
+                         "CTAs, NAME@xa1=... with the x-ahead kernel variant (NAME@8,xa1=...: both), NAME@tc,bm32=... on the "
+                         "tensor-core path with block_m 32")
     ap.add_argument("--shapes", default=",".join(FULL), help="kernel.py shape names (TP slices: NAME/tp2)")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4])
@@ -132,6 +138,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warps", type=int, default=0, choices=[0, 4, 8],
                     help="LUT kernel CTA width for every variant without an @WARPS suffix (0: the op's choice, "
                          "cuda_op.warps_for)")
+    ap.add_argument("--block-m", type=int, default=0, choices=[0, *cuda_op.TC_BLOCK_MS],
+                    help="tensor-core path: activation rows per CTA for every variant without an @bm suffix "
+                         "(0: the config's tc_block_m)")
     ap.add_argument("--x-ahead", type=int, default=-1, choices=[-1, 0, 1],
                     help="x-ahead kernel variant for every variant without an @xa suffix, where the kernel has "
                          "one (-1: the op's choice, cuda_op.x_ahead_for)")
@@ -174,7 +183,7 @@ def main(argv=None) -> dict:
             failed += [n for n, g in variants if g == f]
     results: dict[str, list[dict]] = {}
     passthrough = ["--shapes", args.shapes, "--ms", args.ms, "--bits", str(args.bits), "--group-size",
-                   str(args.group_size), "--dtype", args.dtype, "--path", args.path, "--slab-bytes", str(args.slab_bytes)]
+                   str(args.group_size), "--dtype", args.dtype, "--slab-bytes", str(args.slab_bytes)]
     for n, _ in variants:
         if n in failed:
             results[n] = []

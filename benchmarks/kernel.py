@@ -241,7 +241,7 @@ def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16
                                  for c in layer.copies], 200)
                 cells.append(f"{'auto=' + str(auto) if sp is None else sp}:{us:.1f}")
             if m >= 16 and cuda_op.tc_available(0):
-                for bm in (64, 128, 256):
+                for bm in cuda_op.TC_BLOCK_MS:
                     us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="tc", block_m=bm)
                                      for c in layer.copies], 100)
                     cells.append(f"tc{bm}:{us:.1f}")

@@ -27,13 +27,15 @@ def main(argv=None):
     ap.add_argument("--path", default=None, choices=[None, "lut", "tc", "dense"])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--block-m", type=int, default=None, choices=cuda_op.TC_BLOCK_MS,
+                    help="tensor-core path: activation rows per CTA (default: the config's tc_block_m)")
     args = ap.parse_args(argv)
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         q, s, t = Layer(n, k, args.bits, args.group_size, torch.float16).copies[0]
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            cuda_op.gemm(x, q, s, t, args.bits, args.group_size, force_path=args.path)
+            cuda_op.gemm(x, q, s, t, args.bits, args.group_size, force_path=args.path, block_m=args.block_m)
             torch.cuda.synchronize()
             print(f"{name} M={m} path={args.path or 'auto'}", flush=True)
 

@@ -436,6 +436,8 @@ def tc_available(device_index: int) -> bool:
 
 
 TC_ROWS_PER_CTA = 128  # kernels/flute_kernel.h kWgmmaRowsPerCta
+TC_BLOCK_MS = (8, 16, 32, 64, 128, 256)  # the wgmma N of the kernels built (kernels/flute_wgmma.cu)
+TC_GATHER_MAX_BLOCK_M = 32  # kWgmmaGatherMaxRows: up to here the kernel reads X unpermuted
 
 
 def permute_activations(x: torch.Tensor) -> torch.Tensor:
@@ -454,15 +456,15 @@ def permute_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, splits: Optional[int] = None) -> dict:
-    """Launch plan of the tensor-core path: activation rows per CTA (64/128/256) and split-K.
+    """Launch plan of the tensor-core path: activation rows per CTA (8-256) and split-K.
 
     block_m: the first ``[max_m, block_m]`` entry of ``cfg["tc_block_m"]`` with M <= max_m. Split-K
     minimises the same wave model as :func:`plan` (2 resident CTAs per SM for block_m 64/128, 1 for 256).
     """
     if block_m is None:
         block_m = next(b for lim, b in cfg["tc_block_m"] if m <= lim)
-    if block_m not in (64, 128, 256):
-        _fail(f"block_m={block_m} must be 64, 128 or 256")
+    if block_m not in TC_BLOCK_MS:
+        _fail(f"block_m={block_m} must be one of {', '.join(map(str, TC_BLOCK_MS))}")
     grid_x = -(-n // TC_ROWS_PER_CTA)
     grid_y = -(-m // block_m)
     nch = _padded_k(k) // CHUNK_K
@@ -566,9 +568,18 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
     many CTAs, so it beats dequantize + cuBLAS there at larger M (H200, M=256: 70B gate_up 540 vs
     653 us, 70B down 253 vs 340 us; but 8B gate_up, K=4096, 224 vs 169 us and 70B qkv/tp2,
     N=5120, 73 vs 66 us).
+
+    Below ``tc_min_m``, layers with N * K >= ``tc_small_min_nk`` run the tensor-core path from
+    ``tc_small_min_m`` (optional keys; block_m 32 from ``tc_block_m``): its decode-size kernels
+    (BN = 32, activations gathered in-kernel) beat the mma.sync kernel there (H200 v14, M = 17 / 24 /
+    32, 8 shapes: 0.945x the time; 8B gate_up 59.3 / 62.6 / 66.9 -> 54.9 / 55.5 / 56.2 us, but 70B
+    down 91.2 -> 96.0 at M = 17). Smaller layers were not measured and keep the mma.sync kernel.
     """
     if dtype == torch.float32:
         return "dense"
+    if (n is not None and k is not None and cfg.get("tc_small_min_m", cfg["tc_min_m"]) <= m < cfg["tc_min_m"]
+            and n * k >= cfg.get("tc_small_min_nk", float("inf")) and tc_available(device_index)):
+        return "tc"
     tc_max_m = cfg["tc_max_m"]
     known = n is not None and k is not None  # the layer's shape (without it: the M thresholds alone)
     if known and k >= cfg.get("tc_long_k_min_k", float("inf")) and n >= cfg.get("tc_long_k_min_n", 0):
@@ -601,8 +612,13 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
             _fail("the tensor-core path needs an sm_90 (Hopper) GPU and a build for sm_90a")
         if x.dtype not in (torch.float16, torch.bfloat16):
             _fail(f"the tensor-core path needs fp16/bf16 activations, got {x.dtype}")
-        xp = permute_activations(x)
         pl = plan_tc(m, n, k, cfg, block_m, splits)
+        if pl["block_m"] > TC_GATHER_MAX_BLOCK_M:
+            xp = permute_activations(x)
+        else:  # the kernel gathers the K order itself
+            xp = x.contiguous()
+            if xp.data_ptr() % 16:
+                xp = xp.clone()
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         ws, counters = _split_buffers(pl["splits"], pl["splits"] * m * n, x.device)
         _ext().gemm_wgmma(xp, k, qweight, scales, tables, out, ws, counters, bits, group_size,

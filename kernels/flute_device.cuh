@@ -61,6 +61,10 @@ __device__ __forceinline__ void cp_async8_s(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async4_s(uint32_t dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src));
 }
+// 4 bytes, or 4 zero bytes when !valid (src is then not read, but must still be a valid address).
+__device__ __forceinline__ void cp_async4_zfill_s(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }

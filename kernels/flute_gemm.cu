@@ -40,11 +40,11 @@
 #define FLUTE_LUT_W2_QUAD_STEPS 0  // experiment: bit s set = 2-bit k-step s decodes through the shared quad table
 #endif
 #ifndef FLUTE_LUT_W2_WIDE_QUAD_STEPS
-#define FLUTE_LUT_W2_WIDE_QUAD_STEPS 0  // experiment: the same for 2-bit 8-warp CTAs, which share one 32 KB quad
-                                        // table (v11 A/B at M = 1, 8-warp quad (15) vs the 4-warp permute decode:
-                                        // 70B down 49.9 -> 43.1 us, 70B gate_up 91.2 -> 87.4, small layers slower;
-                                        // off until GPU-run again); cuda_op.warps_for runs 2-bit 8-warp CTAs per
-                                        // layer (lut_w2_wide_min_nk)
+#define FLUTE_LUT_W2_WIDE_QUAD_STEPS 15  // the same for 2-bit 8-warp CTAs, which share one 32 KB quad table;
+                                         // cuda_op.warps_for runs them per layer (lut_w2_wide_min_nk). v14 A/B
+                                         // on H200 at M = 1 / 8 (both with 2-bit x-ahead), 8-warp quad vs 4-warp
+                                         // permute decode: 70B down 49.7 -> 38.2 / 52.6 -> 44.4 us, 8B gate_up
+                                         // 30.3 -> 24.4, 70B qkv 22.4 -> 18.7; 8B qkv even, 8B o 8.5 -> 9.4 at M = 8
 #endif
 #ifndef FLUTE_LUT_MT1_MIN_BLOCKS
 #define FLUTE_LUT_MT1_MIN_BLOCKS 5  // MT = 1 resident CTAs per SM asked of ptxas (5: a 96-register cap; 8: 64)
@@ -72,9 +72,10 @@
 #define FLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS 2  // ... its x-ahead variant: 2 CTAs (128 registers; at 80 it spills 40 B)
 #endif
 #ifndef FLUTE_LUT_X_AHEAD_W23_MT
-#define FLUTE_LUT_X_AHEAD_W23_MT 0  // experiment: 2/3-bit kernels with MT == this load the activations one chunk
-                                    // ahead (the 4-bit x-ahead's gain at M <= 8 was the LDG latency, which the
-                                    // register decode of 2/3-bit waits on too; 0: none)
+#define FLUTE_LUT_X_AHEAD_W23_MT 1  // 2/3-bit kernels with MT == this load the activations one chunk ahead (the
+                                    // 4-bit x-ahead's gain at M <= 8 was the LDG latency, which the register
+                                    // decode of 2/3-bit waits on too; v14 A/B on H200, 8 shapes, M = 1 / 8:
+                                    // 0.952x the time at 3 bits, 0.956x at 2 bits; 0: none)
 #endif
 #ifndef FLUTE_LUT_MT1_XA_MIN_BLOCKS
 #define FLUTE_LUT_MT1_XA_MIN_BLOCKS 4  // 4-warp MT = 1 kernels with x-ahead (the experiment above): 128 registers

@@ -93,9 +93,13 @@ inline int gemm_m_chunks(int M, int m_tiles) { return (M + 8 * m_tiles - 1) / (8
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
 
 // Tensor-core path (flute_wgmma.cu, sm_90a): same parameters, except that m_tiles * 8 is the
-// activation rows per CTA (64, 128 or 256), a CTA covers kWgmmaRowsPerCta weight rows, the split-K
+// activation rows per CTA (8, 16, 32, 64, 128 or 256), a CTA covers kWgmmaRowsPerCta weight rows, the split-K
 // workspace is [splits][M][N] fp32 and counters need grid_x * ceil(M / (8 * m_tiles)) ints.
 constexpr int kWgmmaRowsPerCta = 128;
+// The tensor-core kernels with at most this many activation rows per CTA (decode sizes) read X in
+// its own order, [M, K] (they gather the kernel layout's K order with 4-byte copies: a separate
+// permute kernel would cost more than the copies there); larger ones take X permuted, [M, Kp].
+constexpr int kWgmmaGatherMaxRows = 32;
 inline int wgmma_grid_x(int N) { return (N + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta; }
 cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream);
 // True when the device is sm_90 and the extension holds sm_90a code (probed once, synchronously:

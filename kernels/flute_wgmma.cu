@@ -1,8 +1,8 @@
 // flute_vllm LUT-GEMM, tensor-core path for Hopper (sm_90a): warpgroup MMA (wgmma) with the
 // dequantized weights as the register operand ("RS"), activations from shared memory.
 //
-//   lut_wgmma_kernel<BITS, BN, T>   BITS 2/3/4, BN activation rows per CTA (the wgmma N: 64, 128,
-//                                   256), T half / bf16; runtime M, N, K, group size, split-K.
+//   lut_wgmma_kernel<BITS, BN, T>   BITS 2/3/4, BN activation rows per CTA (the wgmma N: 8, 16, 32,
+//                                   64, 128, 256), T half / bf16; runtime M, N, K, group size, split-K.
 //
 // We compute Y^T = W_hat X^T: the weights are wgmma's A operand (M side, 64 rows per warpgroup),
 // the activations its B operand (N side). A wgmma A fragment held in registers has, per warp, the
@@ -34,21 +34,35 @@ namespace {
 #endif
 
 constexpr int kWgmmaWarps = 8;    // 2 warpgroups
-// Ring depth per BN (shared memory ~104 / 105 / 190 KB: 2 / 2 / 1 CTAs per SM): STAGES - 2 chunks are in flight ahead of
-// the one consumed, which is what keeps HBM busy when the kernel is memory bound (small M).
-// 4-bit kernels also hold the 16 KB pair table, so they get one stage less where that keeps 2 CTAs/SM.
+// Ring depth per BN >= 64 (shared memory ~110 / 105 / 190 KB at BN = 64 / 128 / 256: 2 / 2 / 1 CTAs
+// per SM): STAGES - 2 chunks are in flight ahead of the one consumed, which is what keeps HBM busy
+// when the kernel is memory bound (small M). 4-bit kernels also hold the pair table (32 / 16 / 16 KB),
+// so they get fewer stages where that keeps 2 CTAs/SM. BN <= 32 (decode sizes): see WgmmaSmem.
+// The 4-bit pair table: 32 copies (conflict-free, 32 KB) where shared memory allows it (BN <= 64),
+// else 16 (lanes l and l + 16 share a copy: 2-way conflicts). v14 A/B on H200, 8 shapes: 32 copies
+// 0.959x the time at M = 64 / 128 (BN = 64) and 0.914x at M = 8 (BN = 8); the v6 mixed decode
+// (a[2], a[3] of odd k-steps by byte permutes) on top: no further gain (0.958x / 0.926x).
+template <int BN> constexpr int wgmma_pair_copies() { return BN <= 64 ? 32 : 16; }
 template <int BITS, int BN> struct WgmmaStages {
-  static constexpr int value = BN == 64 ? (BITS == 4 ? 7 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
+  static constexpr int value = BN == 64 ? (BITS == 4 ? 6 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
 };
+// Resident CTAs per SM (__launch_bounds__ and ring depth; cuda_op.plan_tc's wave model mirrors it).
+// 3 at BN <= 32 (80 registers) measured no faster than 2 (v14 A/B: 0.998x at BN = 16, BN = 32 spills).
+template <int BN> constexpr int wgmma_min_blocks() { return BN == 256 ? 1 : 2; }
 
 #if FLUTE_HAS_WGMMA
 // wgmma.mma_async m64nBNk16, A (the decoded weights) from registers, B from shared memory via
 // `desc`, fp32 accumulators d[BN / 2] per thread. The PTX operand lists are spelled out once per
 // BN (FLUTE_WG_*); the f16 and bf16 forms differ only in the type string.
-#define FLUTE_WG_D8(p) "+f"((p)[0]), "+f"((p)[1]), "+f"((p)[2]), "+f"((p)[3]), "+f"((p)[4]), "+f"((p)[5]), "+f"((p)[6]), "+f"((p)[7])
-#define FLUTE_WG_D32(p) FLUTE_WG_D8(p), FLUTE_WG_D8((p) + 8), FLUTE_WG_D8((p) + 16), FLUTE_WG_D8((p) + 24)
+#define FLUTE_WG_D4(p) "+f"((p)[0]), "+f"((p)[1]), "+f"((p)[2]), "+f"((p)[3])
+#define FLUTE_WG_D8(p) FLUTE_WG_D4(p), FLUTE_WG_D4((p) + 4)
+#define FLUTE_WG_D16(p) FLUTE_WG_D8(p), FLUTE_WG_D8((p) + 8)
+#define FLUTE_WG_D32(p) FLUTE_WG_D16(p), FLUTE_WG_D16((p) + 16)
 #define FLUTE_WG_D64(p) FLUTE_WG_D32(p), FLUTE_WG_D32((p) + 32)
 #define FLUTE_WG_D128(p) FLUTE_WG_D64(p), FLUTE_WG_D64((p) + 64)
+#define FLUTE_WG_R4 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, %8"
+#define FLUTE_WG_R8 "{%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, %12"
+#define FLUTE_WG_R16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20"
 #define FLUTE_WG_R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36"
 #define FLUTE_WG_R64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68"
 #define FLUTE_WG_R128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132"
@@ -59,10 +73,17 @@ template <int BITS, int BN> struct WgmmaStages {
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
 
 template <int BN, typename T> struct Wgmma {
-  static_assert(BN == 64 || BN == 128 || BN == 256, "wgmma N: 64, 128 or 256");
+  static_assert(BN == 8 || BN == 16 || BN == 32 || BN == 64 || BN == 128 || BN == 256,
+                "wgmma N: 8, 16, 32, 64, 128 or 256");
   static __device__ __forceinline__ void mma(float* d, const uint32_t a[4], uint64_t desc) {
     constexpr bool F16 = std::is_same<T, half>::value;
-    if constexpr (BN == 64) {
+    if constexpr (BN == 8) {
+      if constexpr (F16) FLUTE_WGMMA(8, 4, "f16"); else FLUTE_WGMMA(8, 4, "bf16");
+    } else if constexpr (BN == 16) {
+      if constexpr (F16) FLUTE_WGMMA(16, 8, "f16"); else FLUTE_WGMMA(16, 8, "bf16");
+    } else if constexpr (BN == 32) {
+      if constexpr (F16) FLUTE_WGMMA(32, 16, "f16"); else FLUTE_WGMMA(32, 16, "bf16");
+    } else if constexpr (BN == 64) {
       if constexpr (F16) FLUTE_WGMMA(64, 32, "f16"); else FLUTE_WGMMA(64, 32, "bf16");
     } else if constexpr (BN == 128) {
       if constexpr (F16) FLUTE_WGMMA(128, 64, "f16"); else FLUTE_WGMMA(128, 64, "bf16");
@@ -111,13 +132,18 @@ struct WgmmaSmem {
   static constexpr int kW = kWgmmaWarps * 128 * BITS;  // packed weights: 8 tiles x 32 lanes x BITS words
   static constexpr int kS = kWgmmaWarps * 2 * 16 * (int)sizeof(T);  // scales: 8 tiles x 2 halves x 16 rows
   static constexpr int kStage = (kX + kW + kS + 1023) / 1024 * 1024;  // X tiles stay 1024-aligned (swizzle)
-  static constexpr int kStages = WgmmaStages<BITS, BN>::value;
-  static constexpr int kPair = BITS == 4 ? PairTable<16>::kBytes : 0;  // after the ring
+  using Pair = PairTable<wgmma_pair_copies<BN>()>;
+  static constexpr int kPair = BITS == 4 ? Pair::kBytes : 0;  // after the ring
+  // BN <= 32: as many stages as wgmma_min_blocks<BN>() CTAs fit in an SM's 228 KB (1 KB reserved per
+  // CTA, 1 KB alignment slack, static barriers), at most the 8 the ring's barrier arrays hold.
+  static constexpr int kSmallStages = (228 * 1024 / wgmma_min_blocks<BN>() - 2048 - 256 - kPair) / kStage;
+  static constexpr int kStages = BN <= 32 ? (kSmallStages < 8 ? kSmallStages : 8) : WgmmaStages<BITS, BN>::value;
+  static_assert(kStages >= 3, "the ring needs a stage in flight besides the two being consumed");
   static constexpr int kBytes = kStages * kStage + kPair + 1024;  // + slack to align the base to 1024
 };
 
 template <int BITS, int BN, typename T>
-__global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(kWgmmaWarps * 32, wgmma_min_blocks<BN>()) lut_wgmma_kernel(const GemmParams p) {
 #if FLUTE_HAS_WGMMA
   using Smem = WgmmaSmem<BITS, BN, T>;
   constexpr int NACC = BN / 2;
@@ -140,14 +166,22 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   const int ce = min(nch, cb + p.chunks_per_split);
 
   // ---- copy assignments (fixed across chunks) ----
-  // Activations come pre-permuted (cuda_op.permute_activations: row stride Kp = K rounded up to 64,
-  // zero pad, K order of the kernel layout), so a chunk row is 8 plain 16-byte pieces; piece c of
-  // row r goes to 16-byte slot c ^ (r & 7) of the row (wgmma's 128-byte swizzle).
-  const int kp_row = (p.K + 63) & ~63;
+  // Piece c (16 bytes) of activation row r goes to 16-byte slot c ^ (r & 7) of the row (wgmma's
+  // 128-byte swizzle) and holds, in the kernel layout's K order, the chunk's pair slots 4c..4c+3.
+  // BN > kWgmmaGatherMaxRows: X comes pre-permuted (cuda_op.permute_activations: row stride Kp = K
+  // rounded up to 64, zero pad), so a piece is one 16-byte copy. Smaller BN gather the piece from X
+  // itself (row stride K): pair slot 16 b4 + 8 b1 + 4 b0 + j holds real pair b0 + 2 b1 + 16 b4 + 4 j
+  // (see permute_activations), so piece c = 4 b4 + 2 b1 + b0 is 4 pairs 16 bytes apart, zero-filled
+  // past K (K % 64 == 32: b4 = 1 of the last chunk).
+  constexpr bool kGatherX = BN <= kWgmmaGatherMaxRows;
+  const int x_stride = kGatherX ? p.K : (p.K + 63) & ~63;
   const int x_piece = tid & 7;
   const int x_row0 = tid >> 3;  // + 32 j
+  constexpr int XJ = BN >= 32 ? BN / 32 : 1;  // rows x_row0 + 32 j this thread copies
+  const bool x_copies = BN >= 32 || x_row0 < BN;  // BN < 32: threads of rows >= BN copy no activations
   const uint32_t x_dst0 = (uint32_t)(x_row0 * 128 + ((x_piece ^ (x_row0 & 7)) << 4));
-  const T* x = reinterpret_cast<const T*>(p.x) + 8 * x_piece;
+  const int x_src_k = kGatherX ? 2 * ((x_piece & 3) + 16 * (x_piece >> 2)) : 8 * x_piece;  // in its chunk
+  const T* x = reinterpret_cast<const T*>(p.x) + x_src_k;
   // Weights: warp copies its own tile's chunk (BITS words per lane); scales: lanes < 16 copy two
   // scales of half h = lane >> 3 (k-steps 0-1 / 2-3 may lie in different groups only when G == 32).
   constexpr int CW = 32 * BITS;
@@ -162,17 +196,28 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   // Activation rows x_row0 + 32 j (clamped to M - 1) as 32-bit offsets from row x_row0: one
   // running pointer instead of BN / 32 (64-bit pointers made BN = 128 spill).
   const int x_row_first = min(m0 + x_row0, p.M - 1);
-  const T* x_next = x + (size_t)x_row_first * kp_row + (cb << 6);
-  uint32_t x_off[BN / 32];  // x_off[0] == 0 (kept for the loop's uniformity; ptxas drops it)
+  const T* x_next = x + (size_t)x_row_first * x_stride + (cb << 6);
+  int xk_next = (cb << 6) + 32 * (x_piece >> 2);  // gather: this piece's first k in the next chunk (pad test)
+  uint32_t x_off[XJ];  // x_off[0] == 0 (kept for the loop's uniformity; ptxas drops it)
   x_off[0] = 0;
 #pragma unroll
-  for (int j = 1; j < BN / 32; ++j) x_off[j] = (uint32_t)(min(m0 + x_row0 + 32 * j, p.M - 1) - x_row_first) * (uint32_t)kp_row;
+  for (int j = 1; j < XJ; ++j) x_off[j] = (uint32_t)(min(m0 + x_row0 + 32 * j, p.M - 1) - x_row_first) * (uint32_t)x_stride;
   const uint32_t* w_next = wsrc + (size_t)cb * CW;
   int k_next = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
   auto issue = [&](int st) {
     const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
+    if constexpr (kGatherX) {
+      if (x_copies) {
+        const bool in_k = xk_next < p.K;
+        const T* src = in_k ? x_next : x;  // a zero-filled copy reads nothing but needs a valid address
 #pragma unroll
-    for (int j = 0; j < BN / 32; ++j) cp_async16_s(xd + j * 4096, x_next + x_off[j]);
+        for (int j = 0; j < 4; ++j) cp_async4_zfill_s(xd + 4 * j, src + 8 * j, in_k);
+      }
+      xk_next += 64;
+    } else {
+#pragma unroll
+      for (int j = 0; j < XJ; ++j) cp_async16_s(xd + j * 4096, x_next + x_off[j]);
+    }
     x_next += 64;
     const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
     if constexpr (BITS == 4) {
@@ -226,11 +271,12 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
   // whose tile has another table (a fused-shard boundary inside the CTA) decodes with byte
   // permutes instead.
   bool use_pair = false;
-  const uint32_t pair_lane = sbase + STAGES * Smem::kStage + PairTable<16>::lane_offset(lane);
+  using Pair = typename Smem::Pair;
+  const uint32_t pair_lane = sbase + STAGES * Smem::kStage + Pair::lane_offset(lane);
   if constexpr (BITS == 4) {
     const int cta_tile0 = min((int)blockIdx.x * kWgmmaWarps, ntiles - 1);
     const uint32_t* tp0 = p.tables + (size_t)cta_tile0 * kTableWords;
-    build_pair_table<16>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
+    build_pair_table<Pair::kCopies>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
     const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp0)), h = __ldg(reinterpret_cast<const uint4*>(tp0) + 1);
     use_pair = l.x == tb.lo[0] && l.y == tb.lo[1] && l.z == tb.lo[2] && l.w == tb.lo[3] &&
                h.x == tb.hi[0] && h.y == tb.hi[1] && h.z == tb.hi[2] && h.w == tb.hi[3];
@@ -279,10 +325,10 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, BN == 256 ? 1 : 2) lut_wgmma
       s2[h][1] = (uint32_t)hi * 0x10001u;
     }
     if (BITS == 4 && use_pair) {
-      decode_pair<0, 16>(f.w[0], pair_lane, a[0]);
-      decode_pair<1, 16>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
-      decode_pair<2, 16>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
-      decode_pair<3, 16>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
+      decode_pair<0, Pair::kCopies>(f.w[0], pair_lane, a[0]);
+      decode_pair<1, Pair::kCopies>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
+      decode_pair<2, Pair::kCopies>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
+      decode_pair<3, Pair::kCopies>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
     } else {
       decode<BITS, 0>(f, tb, a[0]);
       decode<BITS, 1>(f, tb, a[1]);
@@ -403,7 +449,7 @@ cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream) {
 template <typename T>
 cudaError_t launch_wgmma_typed(const GemmParams& p, cudaStream_t stream) {
   return with_int<2, 3, 4>(p.bits, cudaErrorInvalidValue, [&](auto b) {
-    return with_int<64, 128, 256>(p.m_tiles * 8, cudaErrorInvalidValue, [&](auto bn) {
+    return with_int<8, 16, 32, 64, 128, 256>(p.m_tiles * 8, cudaErrorInvalidValue, [&](auto bn) {
       return launch_wgmma_t<decltype(b)::value, decltype(bn)::value, T>(p, stream);
     });
   });

@@ -83,15 +83,23 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
 }
 
 // Tensor-core path (sm_90a): out[M, N] = x @ W^T with x_perm the activations permuted to the kernel
-// layout's K order, [M, Kp] (Kp = K rounded up to 64, zero pad); block_m = activation rows per CTA
-// (64/128/256); workspace fp32 >= splits * M * N when splits > 1.
+// layout's K order, [M, Kp] (Kp = K rounded up to 64, zero pad), or at block_m <= kWgmmaGatherMaxRows
+// x itself, [M, K]; block_m = activation rows per CTA (8-256); workspace fp32 >= splits * M * N when
+// splits > 1.
 void gemm_wgmma(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qweight, const torch::Tensor& scales,
                 const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
                 int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t block_m) {
   const at::cuda::CUDAGuard guard(x_perm.device());  // wgmma_supported() asks the current device
   const int64_t M = x_perm.size(0), N = out.size(1);
-  TORCH_CHECK(x_perm.size(1) == (K + 63) / 64 * 64 && K % 32 == 0, "flute: x_perm must be [M, K rounded up to 64]");
-  TORCH_CHECK(block_m == 64 || block_m == 128 || block_m == 256, "flute: block_m must be 64, 128 or 256");
+  TORCH_CHECK(K % 32 == 0, "flute: K must be a multiple of 32");
+  if (block_m <= flute::kWgmmaGatherMaxRows) {
+    TORCH_CHECK(x_perm.size(1) == K, "flute: at block_m <= ", flute::kWgmmaGatherMaxRows,
+                " x must be [M, K], not permuted");
+  } else {
+    TORCH_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "flute: x_perm must be [M, K rounded up to 64]");
+  }
+  TORCH_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 64 || block_m == 128 || block_m == 256,
+              "flute: block_m must be 8, 16, 32, 64, 128 or 256");
   TORCH_CHECK(flute::wgmma_supported(), "flute: the tensor-core path needs an sm_90 GPU and an sm_90a build");
   const flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits,
                                           group_size, splits, chunks_per_split, block_m / 8, splits * M * N,

@@ -33,7 +33,7 @@ for bits in (2, 3, 4):
         if cuda_op.x_ahead_variant(bits, cuda_op.m_tiles_for(m), 8):
             runs += [dict(force_path="lut", warps=8, x_ahead=1), dict(force_path="lut", warps=8, splits=3, x_ahead=1)]
         if cuda_op.tc_available(0):
-            runs += [dict(force_path="tc", block_m=b, splits=s) for b in (64, 128, 256) for s in (1, 4)]
+            runs += [dict(force_path="tc", block_m=b, splits=s) for b in cuda_op.TC_BLOCK_MS for s in (1, 4)]
         for kw in runs:
             out = cuda_op.gemm(x, qk, sk, tk, bits, g, **kw)
             err = ((out.float() - ref).norm() / ref.norm()).item()

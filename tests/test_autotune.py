@@ -129,6 +129,15 @@ def test_choose_path_by_m_dtype_and_layer_size(monkeypatch):
     assert cuda_op.choose_path(256, f16, long_k, 0, 28672, 4096) == "dense"  # short K
     assert cuda_op.choose_path(256, f16, long_k, 0, 5120, 8192) == "dense"  # narrow N
     assert cuda_op.choose_path(16, f16, long_k, 0, 28672, 8192) == "lut"
+    # decode sizes below tc_min_m: the wgmma kernel from tc_small_min_m for layers >= tc_small_min_nk
+    small = {**cfg, "tc_small_min_m": 17, "tc_small_min_nk": 4096 * 4096}
+    assert cuda_op.choose_path(17, f16, small, 0, 4096, 4096) == "tc"  # the dense rule starts at tc_min_m
+    assert cuda_op.choose_path(32, f16, small, 0, 28672, 4096) == "tc"
+    assert cuda_op.choose_path(16, f16, small, 0, 28672, 4096) == "lut"
+    assert cuda_op.choose_path(32, f16, small, 0, 4096, 2048) == "lut"  # smaller layer
+    assert cuda_op.choose_path(32, f16, small, 0, None, None) == "lut"  # shape unknown
+    assert cuda_op.choose_path(32, f16, cfg, 0, 28672, 4096) == "lut"  # keys absent
     monkeypatch.setattr(cuda_op, "tc_available", lambda dev: False)  # not Hopper
+    assert cuda_op.choose_path(32, f16, small, 0, 28672, 4096) == "lut"
     assert cuda_op.choose_path(64, f16, cfg, 0, 28672, 4096) == "lut"
     assert cuda_op.choose_path(65, f16, cfg, 0, 28672, 4096) == "dense"

@@ -165,6 +165,24 @@ def test_permuted_activations_match_the_a_fragment_k_order_cpu():
                     assert xp[0, 64 * c + 16 * s + kk].item() == want
 
 
+def test_small_block_gather_matches_permuted_activations_cpu():
+    """block_m <= TC_GATHER_MAX_BLOCK_M: flute_wgmma.cu builds 16-byte piece c of each chunk row from
+    X itself, as pairs (c & 3) + 16 (c >> 2) + 4 j, j = 0..3, zero past K. Emulated here, it must
+    equal permute_activations (what the larger blocks read)."""
+    k = 96
+    x = torch.randn(3, k)
+    xp = cuda_op.permute_activations(x)
+    pairs = x.reshape(3, k // 2, 2)
+    got = torch.zeros_like(xp).reshape(3, -1, 2)
+    for c0 in range(0, k, 64):
+        for c in range(8):
+            for j in range(4):
+                real = c0 // 2 + (c & 3) + 16 * (c >> 2) + 4 * j
+                if c0 + 32 * (c >> 2) < k:  # the kernel's zero-fill test, per piece
+                    got[:, c0 // 2 + 4 * c + j] = pairs[:, real]
+    assert torch.equal(got.reshape(3, -1), xp)
+
+
 def test_layout_validation_messages_cpu():
     with pytest.raises(ValueError, match="multiple of 16"):
         cuda_op._check_layout_args(24, 64, 4, 32, [24])
@@ -251,7 +269,7 @@ def _random_case(rng: random.Random):
     dtype = rng.choice([torch.float16, torch.bfloat16])
     kinds = [rng.choice(["nf", "int", "fp", "random"]) for _ in parts]
     path = rng.choices(["op", "lut", "lut_split", "dense", "tc", "tc_split"], weights=[6, 2, 2, 1, 2, 2])[0]
-    block_m = rng.choice([64, 128, 256])
+    block_m = rng.choice(cuda_op.TC_BLOCK_MS)
     return dict(parts=parts, k=k, g=g, m=m, bits=bits, dtype=dtype, kinds=kinds, path=path, block_m=block_m)
 
 
@@ -330,7 +348,7 @@ def test_tensor_core_path_split_k_and_tiles(dtype, bits):
     for m in (1, 77, 300):
         x = torch.randn(m, 1440, device="cuda").to(dtype)
         ref = _reference(x, qweight, scales, tables, ends, bits, 32)
-        for block_m in (64, 128, 256):
+        for block_m in cuda_op.TC_BLOCK_MS:
             outs = [cuda_op.gemm(x, qk, sk, tk, bits, 32, force_path="tc", splits=7, block_m=block_m) for _ in range(2)]
             assert torch.equal(outs[0], outs[1])
             assert _rel_err(outs[0], ref) < _tol(dtype), (m, block_m)
@@ -538,8 +556,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
              "-DFLUTE_LUT_W2_QUAD_STEPS=5", "-DFLUTE_LUT_X_AHEAD_MT=1",
              "-DFLUTE_LUT_WIDE_MT1_MIN_BLOCKS=2", "-DFLUTE_LUT_WIDE_MT2_MIN_BLOCKS=3",
              "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
-             "-DFLUTE_LUT_WIDE_MAX_MT=2", "-DFLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS=3", "-DFLUTE_LUT_X_AHEAD_W23_MT=1",
-             "-DFLUTE_LUT_MT1_XA_MIN_BLOCKS=5", "-DFLUTE_LUT_W2_WIDE_QUAD_STEPS=15"]
+             "-DFLUTE_LUT_WIDE_MAX_MT=2", "-DFLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS=3", "-DFLUTE_LUT_X_AHEAD_W23_MT=0",
+             "-DFLUTE_LUT_MT1_XA_MIN_BLOCKS=5", "-DFLUTE_LUT_W2_WIDE_QUAD_STEPS=0"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
@@ -559,7 +577,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     # ptxas -v: "Compiling entry function '<name>' for 'sm_90a'" ... "<n> bytes spill stores"
     entries = re.findall(r"Compiling entry function '([^']*lut_wgmma_kernel[^']*)' for 'sm_90a'\n.*\n\s*(\d+) bytes stack frame, "
                          r"(\d+) bytes spill stores", log)
-    assert len(entries) == 18, log[-2000:]  # bits 2/3/4 x BN 64/128/256 x fp16/bf16
+    assert len(entries) == 36, log[-2000:]  # bits 2/3/4 x BN 8/16/32/64/128/256 x fp16/bf16
     # One exception, measured: 4-bit BN=128 (128-register cap for 2 CTAs/SM) keeps one 4-byte value
     # on the stack (an L1-resident LDL per chunk refill); v12's running-pointer refill is still
     # 1.12x faster on the tc path (an earlier form spilled 20 B; kernels/NOTES.md v12).
