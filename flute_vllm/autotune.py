@@ -18,7 +18,12 @@ writes where they win:
 - ``lut_wide_mt4_max_nk``: at M = 32 (m_tiles 4), 4 or 8 warps: the N*K up to which the wide CTAs
   win from the smallest layer on (null: never);
 - ``lut_w2_wide_min_nk``: 2-bit at M = 1, 4 or 8 warps (8: the shared quad table in builds with
-  FLUTE_LUT_W2_WIDE_QUAD_STEPS): the N*K from which the wide CTAs win (null: never).
+  FLUTE_LUT_W2_WIDE_QUAD_STEPS): the N*K from which the wide CTAs win (null: never);
+- ``tc_small_min_nk`` / ``tc_small_min_m`` (Hopper): at M = 17, 24, 32, the wgmma kernel with
+  block_m 32 against the LUT kernel: the N*K from which it wins (geo-mean over those Ms, on that
+  layer and over all larger ones), and the M from which it wins on those layers at every larger
+  measured M (null: never).
+The path crossovers (``tc_min_m``) are taken from M > 32 only: below, the per-layer rule decides.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ from typing import Optional
 import torch
 
 SHAPES = {"8B-o": (4096, 4096), "8B-gate_up": (28672, 4096), "70B-down": (8192, 28672)}
-MS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+MS = (8, 16, 24, 32, 33, 48, 64, 96, 128, 192, 256, 384, 512)  # 33: where the mid-M path range may start
 NEVER = 1 << 30
 # layers of growing N*K for the per-layer LUT-kernel choices (8B o / qkv / down / gate_up, 70B down / gate_up)
 WIDE_SHAPES = {"8B-o": (4096, 4096), "8B-qkv": (6144, 4096), "8B-down": (4096, 14336), "8B-gate_up": (28672, 4096),
@@ -40,14 +45,18 @@ WIDE_SHAPES = {"8B-o": (4096, 4096), "8B-qkv": (6144, 4096), "8B-down": (4096, 1
 WIDE_MS = (1, 16)  # the CTA-width crossover sums these
 X_AHEAD_M = 1      # the x-ahead variant exists at m_tiles 1 (M <= 8)
 MT4_M = 32         # m_tiles 4
+TC_SMALL_MS = (17, 24, 32)  # decode sizes where the wgmma kernel may beat the LUT kernel per layer
+TC_SMALL_BLOCK_M = 32
+TC_MID_MIN_M = 33  # the path crossovers (tc_min_m / tc_max_m) start here; below, tc_small_* decides
 
 
 def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
     """Thresholds from ``times[path][m]`` (µs, paths ``lut``, ``dense`` and optionally ``tc``).
 
     ``dequant_min_m``: the smallest measured M from which dense + cuBLAS beats the LUT kernel at
-    every larger measured M. ``tc_min_m`` / ``tc_max_m``: the first run of measured Ms in which
-    the tensor-core path beats both others (an empty range when it never does or is absent).
+    every larger measured M. ``tc_min_m`` / ``tc_max_m``: the first run of measured Ms from
+    ``TC_MID_MIN_M`` on in which the tensor-core path beats both others (an empty range when it
+    never does or is absent).
     """
     ms = sorted(times["lut"])
     lut, dense, tc = times["lut"], times["dense"], times.get("tc")
@@ -59,7 +68,7 @@ def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
             break
     tc_min_m, tc_max_m = NEVER, 0
     if tc:
-        wins = [m for m in ms if tc[m] < min(lut[m], dense[m])]
+        wins = [m for m in ms if m >= TC_MID_MIN_M and tc[m] < min(lut[m], dense[m])]
         if wins:
             tc_min_m = wins[0]
             tc_max_m = tc_min_m
@@ -122,14 +131,36 @@ def choose_wide_mt4_max_nk(times: dict[int, tuple[float, float]]) -> Optional[in
     return _winning_edge(times, from_largest=False)
 
 
+def choose_tc_small(times: dict[int, dict[int, tuple[float, float]]]) -> tuple[Optional[int], Optional[int]]:
+    """(``tc_small_min_m``, ``tc_small_min_nk``) from ``times[n * k][m] = (µs LUT kernel, µs wgmma
+    block_m 32)``: min_nk the smallest measured N*K where the wgmma kernel wins (geo-mean over the
+    Ms) and wins on the geo-mean of all layers from there up (a net gain: on H200 it loses only on
+    the long-K 70B down, v14); min_m the smallest measured M from which it wins (geo-mean over those
+    layers) at every larger measured M; (None, None) if it never wins."""
+    ratio = {nk: statistics.geometric_mean(tc / lut for lut, tc in by_m.values()) for nk, by_m in times.items()}
+    nks = sorted(ratio)
+    min_nk = next((nk for i, nk in enumerate(nks)
+                   if ratio[nk] < 1.0 and statistics.geometric_mean(ratio[x] for x in nks[i:]) < 1.0), None)
+    if min_nk is None:
+        return None, None
+    layers = [by_m for nk, by_m in times.items() if nk >= min_nk]
+    min_m = None
+    for m in sorted(layers[0], reverse=True):
+        if statistics.geometric_mean(by_m[m][1] / by_m[m][0] for by_m in layers) >= 1.0:
+            break
+        min_m = m
+    return (None, None) if min_m is None else (min_m, min_nk)
+
+
 def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_ms=WIDE_MS, group_size: int = 128,
             dtype: torch.dtype = torch.float16) -> tuple[dict[str, dict[int, float]], dict[str, dict]]:
     """On the current GPU, 4-bit: geo-mean µs per path and M over ``shapes``, and for each of
     ``wide_shapes`` the LUT kernel's per-layer choices: ``{"wide": {n * k: (µs 4 warps, µs 8 warps)}
     summed over wide_ms without x-ahead, "x_ahead": {n * k: (µs best width without, µs 8 warps with
     x-ahead)} at X_AHEAD_M, "mt4": {n * k: (µs 4 warps, µs 8 warps)} at MT4_M, "w2_wide": the same
-    for 2-bit at X_AHEAD_M}`` ("mt4" only when the build has 8-warp CTAs there). Each layer is built
-    once (4-bit; and 2-bit for the last measurement)."""
+    for 2-bit at X_AHEAD_M, "tc_small": {n * k: {m: (µs LUT kernel, µs wgmma block_m 32)}} over
+    TC_SMALL_MS}`` ("mt4" only when the build has 8-warp CTAs there, "tc_small" only on Hopper).
+    Each layer is built once (4-bit; and 2-bit for the w2_wide measurement)."""
     from . import cuda_op
     from .timing import Layer, time_graph
 
@@ -139,6 +170,8 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
     choices: dict[str, dict] = {"wide": {}, "x_ahead": {}, "w2_wide": {}}
     if cuda_op.wide_ok(cuda_op.m_tiles_for(MT4_M)):
         choices["mt4"] = {}
+    if "tc" in paths:
+        choices["tc_small"] = {}
     narrow_w, wide_w = cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA
     for name, (n, k) in {**shapes, **wide_shapes}.items():
         layer = Layer(n, k, 4, group_size, dtype)
@@ -161,6 +194,10 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
             choices["x_ahead"][n * k] = (min(plain), timed(X_AHEAD_M, force_path="lut", warps=wide_w, x_ahead=1))
             if "mt4" in choices:
                 choices["mt4"][n * k] = tuple(timed(MT4_M, force_path="lut", warps=w) for w in (narrow_w, wide_w))
+            if "tc_small" in choices:
+                choices["tc_small"][n * k] = {m: (timed(m, force_path="lut"),
+                                                  timed(m, force_path="tc", block_m=TC_SMALL_BLOCK_M))
+                                              for m in TC_SMALL_MS}
             w2 = Layer(n, k, 2, group_size, dtype)
             choices["w2_wide"][n * k] = tuple(timed(X_AHEAD_M, w2, force_path="lut", warps=w) for w in (narrow_w, wide_w))
             del w2
@@ -198,6 +235,10 @@ def config_for(gpu: str, times: dict[str, dict[int, float]], choices: Optional[d
     if "w2_wide" in choices:
         cfg["lut_w2_wide_min_nk"] = choose_wide_min_nk(choices["w2_wide"])
         cfg["measured_w2_wide_us"] = measured(choices["w2_wide"])
+    if "tc_small" in choices:
+        cfg["tc_small_min_m"], cfg["tc_small_min_nk"] = choose_tc_small(choices["tc_small"])
+        cfg["measured_tc_small_us"] = {str(nk): {str(m): [round(a, 2), round(b, 2)] for m, (a, b) in by_m.items()}
+                                       for nk, by_m in sorted(choices["tc_small"].items())}
     return cfg
 
 
@@ -229,6 +270,7 @@ def autotune(out: Optional[Path] = None, quick: bool = False) -> Path:
     print(f"{gpu}: dequant_min_m={cfg['dequant_min_m']} tc_min_m={cfg['tc_min_m']} tc_max_m={cfg['tc_max_m']} "
           f"lut_wide_cta_min_nk={cfg['lut_wide_cta_min_nk']} lut_x_ahead_min_nk={cfg['lut_x_ahead_min_nk']} "
           f"lut_x_ahead_max_nk={cfg['lut_x_ahead_max_nk']} lut_wide_mt4_max_nk={cfg.get('lut_wide_mt4_max_nk')} "
-          f"lut_w2_wide_min_nk={cfg['lut_w2_wide_min_nk']} "
+          f"lut_w2_wide_min_nk={cfg['lut_w2_wide_min_nk']} tc_small_min_m={cfg.get('tc_small_min_m')} "
+          f"tc_small_min_nk={cfg.get('tc_small_min_nk')} "
           f"({time.time() - t0:.0f}s) -> {path}")
     return path

@@ -438,6 +438,7 @@ def tc_available(device_index: int) -> bool:
 TC_ROWS_PER_CTA = 128  # kernels/flute_kernel.h kWgmmaRowsPerCta
 TC_BLOCK_MS = (8, 16, 32, 64, 128, 256)  # the wgmma N of the kernels built (kernels/flute_wgmma.cu)
 TC_GATHER_MAX_BLOCK_M = 32  # kWgmmaGatherMaxRows: up to here the kernel reads X unpermuted
+TC_SMALL_MAX_M = 32  # the per-layer tensor-core rule below tc_min_m (tc_small_*) covers M up to here
 
 
 def permute_activations(x: torch.Tensor) -> torch.Tensor:
@@ -569,16 +570,18 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
     653 us, 70B down 253 vs 340 us; but 8B gate_up, K=4096, 224 vs 169 us and 70B qkv/tp2,
     N=5120, 73 vs 66 us).
 
-    Below ``tc_min_m``, layers with N * K >= ``tc_small_min_nk`` run the tensor-core path from
-    ``tc_small_min_m`` (optional keys; block_m 32 from ``tc_block_m``): its decode-size kernels
+    Below ``tc_min_m``, up to M = ``TC_SMALL_MAX_M``, layers with N * K >= ``tc_small_min_nk`` run the
+    tensor-core path from ``tc_small_min_m`` (optional keys; block_m 32 from ``tc_block_m``): its decode-size kernels
     (BN = 32, activations gathered in-kernel) beat the mma.sync kernel there (H200 v14, M = 17 / 24 /
     32, 8 shapes: 0.945x the time; 8B gate_up 59.3 / 62.6 / 66.9 -> 54.9 / 55.5 / 56.2 us, but 70B
     down 91.2 -> 96.0 at M = 17). Smaller layers were not measured and keep the mma.sync kernel.
     """
     if dtype == torch.float32:
         return "dense"
-    if (n is not None and k is not None and cfg.get("tc_small_min_m", cfg["tc_min_m"]) <= m < cfg["tc_min_m"]
-            and n * k >= cfg.get("tc_small_min_nk", float("inf")) and tc_available(device_index)):
+    small_m, small_nk = cfg.get("tc_small_min_m"), cfg.get("tc_small_min_nk")  # absent or null: no such rule
+    if (small_m is not None and small_nk is not None and n is not None and k is not None
+            and small_m <= m <= min(TC_SMALL_MAX_M, cfg["tc_min_m"] - 1) and n * k >= small_nk
+            and tc_available(device_index)):
         return "tc"
     tc_max_m = cfg["tc_max_m"]
     known = n is not None and k is not None  # the layer's shape (without it: the M thresholds alone)

@@ -27,6 +27,9 @@ def test_thresholds_from_times():
     # tc never wins
     t = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[99] * 6)
     assert autotune.choose_thresholds(t)["tc_min_m"] == autotune.NEVER
+    # a tc win at M <= 32 does not start the path range (the per-layer tc_small rule covers it)
+    t = _times(lut=[10, 24, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[20, 20, 22, 30, 45, 80])
+    assert autotune.choose_thresholds(t)["tc_min_m"] == 64
 
 
 def test_wide_cta_threshold_from_times():
@@ -80,6 +83,35 @@ def test_x_ahead_range_and_mt4_threshold_from_times():
     assert cuda_op.plan(1, 8192, 28672, merged, resident=2)["x_ahead"] == 1
     assert cuda_op.plan(1, 8192, 28672, merged, resident=2, bits=2)["warps"] == 8
     assert cuda_op.plan(1, 4096, 4096, merged, resident=5, bits=2)["warps"] == 4
+
+
+def test_tc_small_rule_from_times(monkeypatch):
+    # (LUT kernel, wgmma block_m 32) µs per N*K and M: the v14 H200 pattern (8B o, 8B gate_up, 70B down)
+    t = {16777216: {17: (13.9, 13.8), 24: (14.5, 14.0), 32: (16.0, 15.3)},
+         117440512: {17: (59.3, 54.9), 24: (62.6, 55.5), 32: (66.9, 56.2)},
+         234881024: {17: (91.2, 96.0), 24: (94.0, 96.7), 32: (97.9, 98.5)}}
+    assert autotune.choose_tc_small(t) == (17, 16777216)  # a net gain from the smallest layer up
+    assert autotune.choose_tc_small({nk: {m: (a, 1.1 * a) for m, (a, _) in by_m.items()} for nk, by_m in t.items()}) \
+        == (None, None)  # never wins
+    t[234881024] = {17: (202.7, 202.7), 24: (212.9, 205.7), 32: (223.6, 208.9)}  # 70B gate_up instead
+    assert autotune.choose_tc_small(t) == (17, 16777216)
+    # the M edge: wins at 24 and 32 only (geo-mean over the layers from min_nk)
+    t2 = {nk: {**by_m, 17: (by_m[17][0], 1.05 * by_m[17][0])} for nk, by_m in t.items()}
+    assert autotune.choose_tc_small(t2) == (24, 16777216)
+    # a small layer that loses moves min_nk up
+    t3 = {**t, 16777216: {17: (13.0, 13.8), 24: (13.5, 14.0), 32: (14.0, 15.3)}}
+    assert autotune.choose_tc_small(t3) == (17, 117440512)
+    cfg = autotune.config_for("GPU X", _times(lut=[10] * 6, dense=[30] * 6), {"tc_small": t3})
+    assert (cfg["tc_small_min_m"], cfg["tc_small_min_nk"]) == (17, 117440512)
+    assert cfg["measured_tc_small_us"][str(16777216)]["24"] == [13.5, 14.0]
+    # dispatch follows: large layers at M = 17-32 on the tensor-core path (block_m 32), small ones not
+    monkeypatch.setattr(cuda_op, "tc_available", lambda dev: True)
+    merged = {**cuda_op.resolve_config("Some Other GPU", cuda_op._all_configs()), **cfg, "sm_count": 132}
+    f16 = cuda_op.torch.float16
+    assert cuda_op.choose_path(24, f16, merged, 0, 28672, 4096) == "tc"
+    assert cuda_op.choose_path(24, f16, merged, 0, 4096, 4096) == "lut"
+    assert cuda_op.plan_tc(24, 28672, 4096, merged)["block_m"] == 32
+    assert cuda_op.choose_path(24, f16, {**merged, "tc_small_min_nk": None}, 0, 28672, 4096) == "lut"
 
 
 def test_written_config_is_preferred_for_its_gpu(tmp_path, monkeypatch):
