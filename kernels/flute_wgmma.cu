@@ -46,6 +46,16 @@ template <int BN> constexpr int wgmma_pair_copies() { return BN <= 64 ? 32 : 16;
 template <int BITS, int BN> struct WgmmaStages {
   static constexpr int value = BN == 64 ? (BITS == 4 ? 6 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
 };
+// Experiment (FLUTE_WG_PRODUCER=1, off by default, not GPU-run yet): the BN <= 64 kernels get a 9th,
+// producer warp that issues every ring copy of the CTA (X, weights, scales) and waits on the `empty`
+// barriers, so the 8 consumer warps only wait `full`, decode and MMA. The refill is ~70 of the
+// consumers' ~200 instructions per chunk (v14 ncu); the cost is the register cap at 2 CTAs/SM,
+// 128 -> 112 (288 threads).
+#ifndef FLUTE_WG_PRODUCER
+#define FLUTE_WG_PRODUCER 0
+#endif
+template <int BN> constexpr bool wgmma_producer() { return FLUTE_WG_PRODUCER && BN <= 64; }
+template <int BN> constexpr int wgmma_threads() { return (kWgmmaWarps + (wgmma_producer<BN>() ? 1 : 0)) * 32; }
 // Resident CTAs per SM (__launch_bounds__ and ring depth; cuda_op.plan_tc's wave model mirrors it).
 // 3 at BN <= 32 (80 registers) measured no faster than 2 (v14 A/B: 0.998x at BN = 16, BN = 32 spills).
 template <int BN> constexpr int wgmma_min_blocks() { return BN == 256 ? 1 : 2; }
@@ -142,8 +152,101 @@ struct WgmmaSmem {
   static constexpr int kBytes = kStages * kStage + kPair + 1024;  // + slack to align the base to 1024
 };
 
+#if FLUTE_HAS_WGMMA
+// The producer warp of FLUTE_WG_PRODUCER: copies one chunk of the CTA's ring stage per issue()
+// (chunks in order), as 16-byte pieces where it can: X rows r = lane / 8 + 4 j, piece lane % 8
+// (swizzled as the consumer-side copy does; BN <= kWgmmaGatherMaxRows gathers 4 x 4 bytes with
+// zero fill past K); each tile's chunk of packed weights (contiguous, CW words) as 8 * BITS pieces;
+// the scales of tile lane / 4, half (lane / 2) % 2, piece lane % 2.
 template <int BITS, int BN, typename T>
-__global__ void __launch_bounds__(kWgmmaWarps * 32, wgmma_min_blocks<BN>()) lut_wgmma_kernel(const GemmParams p) {
+struct WgmmaProducer {
+  using Smem = WgmmaSmem<BITS, BN, T>;
+  static constexpr bool kGatherX = BN <= kWgmmaGatherMaxRows;
+  static constexpr int XJ = BN / 4;                   // X rows per lane
+  static constexpr int CW = 32 * BITS;                // weight words per tile and chunk
+  static constexpr int WP = 8 * BITS;                 // 16-byte weight pieces per tile and chunk
+  static constexpr int WJ = kWgmmaWarps * WP / 32;    // ... per lane
+  const T* x_next;                                    // row lane / 8 (clamped), this chunk
+  uint32_t x_off[XJ];                                 // rows lane / 8 + 4 j relative to it, elements
+  const T* x_first;                                   // a valid address for zero-filled copies
+  uint32_t x_dst0;                                    // stage offset of piece lane % 8 of row lane / 8
+  int xk_next;                                        // gather: first k of this lane's piece
+  const uint32_t* w_next;                             // first tile's chunk, piece lane
+  uint32_t w_off[WJ];                                 // words from w_next to piece lane + 32 j
+  uint32_t w_dst[WJ];
+  const T* sc_tile;                                   // scales of tile lane / 4, piece lane % 2
+  int k_half;                                         // k of this lane's half in the next chunk
+  int K, gshift, ngroups;
+
+  __device__ WgmmaProducer(const GemmParams& p, int lane, int m0, int cb) {
+    const int ntiles = p.N >> 4, nch = (p.K + 63) >> 6, tile0 = blockIdx.x * kWgmmaWarps;
+    K = p.K;
+    ngroups = p.K / p.group_size;
+    gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
+    const int piece = lane & 7, row0 = lane >> 3;
+    const int stride = kGatherX ? p.K : (p.K + 63) & ~63;
+    const int src_k = kGatherX ? 2 * ((piece & 3) + 16 * (piece >> 2)) : 8 * piece;
+    x_first = reinterpret_cast<const T*>(p.x) + src_k;
+    const int first = min(m0 + row0, p.M - 1);
+    x_next = x_first + (size_t)first * stride + (cb << 6);
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) x_off[j] = (uint32_t)(min(m0 + row0 + 4 * j, p.M - 1) - first) * (uint32_t)stride;
+    x_dst0 = (uint32_t)(row0 * 128 + ((piece ^ row0) << 4));
+    xk_next = (cb << 6) + 32 * (piece >> 2);
+    const uint32_t* wbase = p.qweight + (size_t)min(tile0, ntiles - 1) * nch * CW + (size_t)cb * CW;
+    w_next = wbase;
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) {
+      const int q = lane + 32 * j, t = q / WP, pc = q % WP;
+      w_off[j] = (uint32_t)(min(tile0 + t, ntiles - 1) - min(tile0, ntiles - 1)) * (uint32_t)(nch * CW) + 4 * pc;
+      w_dst[j] = (uint32_t)(Smem::kX + t * CW * 4 + 16 * pc);
+    }
+    const int st_tile = min(tile0 + (lane >> 2), ntiles - 1);
+    sc_tile = reinterpret_cast<const T*>(p.scales) + (size_t)st_tile * ngroups * 16 + 8 * (lane & 1);
+    k_half = (cb << 6) + 32 * ((lane >> 1) & 1);
+  }
+
+  __device__ void issue(uint32_t stage, int lane) {
+    if constexpr (kGatherX) {
+      const bool in_k = xk_next < K;
+#pragma unroll
+      for (int j = 0; j < XJ; ++j) {
+        const T* src = in_k ? x_next + x_off[j] : x_first;
+        const uint32_t d = stage + (x_dst0 ^ (64u * (j & 1))) + 512u * j;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) cp_async4_zfill_s(d + 4 * e, src + 8 * e, in_k);
+      }
+      xk_next += 64;
+    } else {
+#pragma unroll
+      for (int j = 0; j < XJ; ++j) cp_async16_s(stage + (x_dst0 ^ (64u * (j & 1))) + 512u * j, x_next + x_off[j]);
+    }
+    x_next += 64;
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) cp_async16_s(stage + w_dst[j], w_next + w_off[j]);
+    w_next += CW;
+    const int grp = min(k_half >> gshift, ngroups - 1);
+    cp_async16_s(stage + Smem::kX + Smem::kW + ((lane >> 1) << 5) + 16 * (lane & 1), sc_tile + grp * 16);
+    k_half += 64;
+  }
+};
+#endif  // FLUTE_HAS_WGMMA
+
+// Register cap: 2 CTAs/SM (1 at BN = 256). With the producer warp (288 threads) `__launch_bounds__`
+// makes ptxas cap at 96, while 112 fit the register file (18 warps x 112 x 32 <= 64K), hence
+// `__maxnreg__` there (the two qualifiers exclude each other).
+template <int BN> constexpr int wgmma_max_regs() {
+  return (65536 / (wgmma_min_blocks<BN>() * wgmma_threads<BN>())) / 8 * 8 > 255 ? 255
+                                                                                : (65536 / (wgmma_min_blocks<BN>() * wgmma_threads<BN>())) / 8 * 8;
+}
+#if FLUTE_WG_PRODUCER
+#define FLUTE_WG_BOUNDS __maxnreg__(wgmma_max_regs<BN>())
+#else
+#define FLUTE_WG_BOUNDS __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>())
+#endif
+
+template <int BITS, int BN, typename T>
+__global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
 #if FLUTE_HAS_WGMMA
   using Smem = WgmmaSmem<BITS, BN, T>;
   constexpr int NACC = BN / 2;
@@ -157,8 +260,10 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, wgmma_min_blocks<BN>()) lut_
   const int nch = (p.K + 63) >> 6;
   const int ngroups = p.K / p.group_size;
   const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
+  constexpr bool PRODUCER = wgmma_producer<BN>();
+  const bool is_producer = PRODUCER && warp == kWgmmaWarps;  // FLUTE_WG_PRODUCER: the copying warp
   const int tile_raw = blockIdx.x * kWgmmaWarps + warp;
-  const bool tile_ok = tile_raw < ntiles;
+  const bool tile_ok = tile_raw < ntiles && !is_producer;
   const int tile = min(tile_raw, ntiles - 1);
   const int m0 = blockIdx.y * BN;
   const int split = blockIdx.z;
@@ -255,16 +360,30 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, wgmma_min_blocks<BN>()) lut_
   const uint32_t full0 = smem_addr(&s_full[0]), empty0 = smem_addr(&s_empty[0]);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, kWgmmaWarps * 32);
+      mbar_init(full0 + 8 * s, PRODUCER ? 32 : kWgmmaWarps * 32);
       mbar_init(empty0 + 8 * s, kWgmmaWarps);
     }
   }
   __syncthreads();  // barriers initialised before anyone arrives
+#if FLUTE_HAS_WGMMA && FLUTE_WG_PRODUCER  // (preprocessor, so that the default build's code is unchanged)
+  // FLUTE_WG_PRODUCER: the producer fills every stage once before the pair-table build (no stage
+  // has been used yet, so no `empty` wait), the rest of the chunks after it.
+  WgmmaProducer<BITS, BN, T> prod(p, lane, m0, cb);
+  int pi = cb;  // the producer's next chunk
+  if (is_producer) {
+    for (; pi < ce && pi - cb < STAGES; ++pi) {
+      prod.issue(sbase + (pi - cb) * Smem::kStage, lane);
+      mbar_arrive_cp_async(full0 + 8 * (pi - cb));
+    }
+  }
+#endif
+  if constexpr (!PRODUCER) {
 #pragma unroll
-  for (int st = 0; st < PD; ++st) {
-    if (cb + st < ce) {
-      issue(st);
-      mbar_arrive_cp_async(full0 + 8 * st);
+    for (int st = 0; st < PD; ++st) {
+      if (cb + st < ce) {
+        issue(st);
+        mbar_arrive_cp_async(full0 + 8 * st);
+      }
     }
   }
   // 4-bit: the pair table of the CTA's first tile, built while the prologue's copies fly; a warp
@@ -293,12 +412,14 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, wgmma_min_blocks<BN>()) lut_
   int ld = PD, ld_phase = 1;              // stage / empty-parity of the chunk being loaded
   int rel = 0;                            // stage of the previous chunk (to release)
   auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
-    if (cc + PD < ce) {
-      mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's last chunk
-      issue(ld);
-      mbar_arrive_cp_async(full0 + 8 * ld);
+    if constexpr (!PRODUCER) {
+      if (cc + PD < ce) {
+        mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's last chunk
+        issue(ld);
+        mbar_arrive_cp_async(full0 + 8 * ld);
+      }
+      if (++ld == STAGES) { ld = 0; ld_phase ^= 1; }
     }
-    if (++ld == STAGES) { ld = 0; ld_phase ^= 1; }
     mbar_wait(full0 + 8 * st, st_phase);  // chunk cc has landed (every thread's copies)
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -363,18 +484,32 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, wgmma_min_blocks<BN>()) lut_
     rel = st;
     if (++st == STAGES) { st = 0; st_phase ^= 1; }
   };
-  uint32_t a0[4][4], a1[4][4];
-  // (The odd tail stays outside the loop: every path then alternates a0 / a1, which is what lets
-  // ptxas keep the decode of one chunk overlapped with the wgmmas of the previous one.)
-  int cc = cb;
-  for (; cc + 1 < ce; cc += 2) {
-    chunk(cc, a0);
-    chunk(cc + 1, a1);
-  }
-  if (cc < ce) chunk(cc, a0);
-  wgmma_wait<0>();
+#if FLUTE_HAS_WGMMA && FLUTE_WG_PRODUCER
+  if (is_producer) {
+    // Fill i (counted from cb) of stage i % STAGES waits for the consumers' release of fill i - STAGES:
+    // completion (i / STAGES - 1) of that stage's `empty` barrier.
+    for (; pi < ce; ++pi) {
+      const int i = pi - cb, s = i % STAGES;
+      mbar_wait(empty0 + 8 * s, (uint32_t)(i / STAGES - 1) & 1u);
+      prod.issue(sbase + s * Smem::kStage, lane);
+      mbar_arrive_cp_async(full0 + 8 * s);
+    }
+  } else
+#endif
+  {
+    uint32_t a0[4][4], a1[4][4];
+    // (The odd tail stays outside the loop: every path then alternates a0 / a1, which is what lets
+    // ptxas keep the decode of one chunk overlapped with the wgmmas of the previous one.)
+    int cc = cb;
+    for (; cc + 1 < ce; cc += 2) {
+      chunk(cc, a0);
+      chunk(cc + 1, a1);
+    }
+    if (cc < ce) chunk(cc, a0);
+    wgmma_wait<0>();
 #pragma unroll
-  for (int i = 0; i < NACC; ++i) pin(acc[i]);
+    for (int i = 0; i < NACC; ++i) pin(acc[i]);
+  }
   cp_async_wait<0>();
 
   // Epilogue. acc[4j + q]: weight row n = tile*16 + g + 8*(q>>1), activation row m = m0 + 8j + 2t + (q&1).
@@ -412,7 +547,7 @@ __global__ void __launch_bounds__(kWgmmaWarps * 32, wgmma_min_blocks<BN>()) lut_
   const int mvalid = min(BN, p.M - m0);
   const int units = mvalid * (nvalid >> 2);
   const size_t stride = (size_t)p.M * p.N;
-  for (int u = tid; u < units; u += kWgmmaWarps * 32) {
+  for (int u = tid; u < units; u += wgmma_threads<BN>()) {
     const int ml = u / (nvalid >> 2);
     const int n = n0 + 4 * (u % (nvalid >> 2));
     const float* src = ws + (size_t)(m0 + ml) * p.N + n;
@@ -442,7 +577,7 @@ cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(lut_wgmma_kernel<BITS, BN, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return attr;
   dim3 grid(wgmma_grid_x(p.N), (p.M + BN - 1) / BN, p.splits);
-  lut_wgmma_kernel<BITS, BN, T><<<grid, kWgmmaWarps * 32, bytes, stream>>>(p);
+  lut_wgmma_kernel<BITS, BN, T><<<grid, wgmma_threads<BN>(), bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
