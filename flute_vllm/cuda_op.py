@@ -460,7 +460,7 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     """Launch plan of the tensor-core path: activation rows per CTA (8-256) and split-K.
 
     block_m: the first ``[max_m, block_m]`` entry of ``cfg["tc_block_m"]`` with M <= max_m. Split-K
-    minimises the same wave model as :func:`plan` (2 resident CTAs per SM for block_m 64/128, 1 for 256).
+    minimises the same wave model as :func:`plan` (2 resident CTAs per SM for block_m 8-128, 1 for 256).
     """
     if block_m is None:
         block_m = next(b for lim, b in cfg["tc_block_m"] if m <= lim)
