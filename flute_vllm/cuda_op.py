@@ -375,9 +375,9 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
     - 4-bit, m_tiles = 4 (M = 17-32), the other way round: 8 (one folded tile per warp) for N*K <=
       ``lut_wide_mt4_max_nk`` (null: never), where 4-warp CTAs are too few (H200 v13 A/B: 8B o at
       M = 17/32 17.3 -> 13.9 / 21.7 -> 15.9 us; with every layer wide, v12: 70B gate_up 226 -> 255 us).
-    - 2-bit, m_tiles = 1: 8 for N*K >= ``lut_w2_wide_min_nk`` (null: never), meant for builds whose
-      2-bit 8-warp kernels decode through one shared quad table (FLUTE_LUT_W2_WIDE_QUAD_STEPS, an
-      experiment; v11 A/B at M = 1: 70B down 49.9 -> 43.1 us, small layers slower).
+    - 2-bit, m_tiles = 1: 8 for N*K >= ``lut_w2_wide_min_nk`` (null: never): the 2-bit 8-warp kernels
+      decode through one shared quad table (FLUTE_LUT_W2_WIDE_QUAD_STEPS; H200 v14 A/B at M = 1:
+      70B down 49.7 -> 38.2 us, 8B o slower).
     - Otherwise 4 (3-bit in 8-warp CTAs measured no faster, v11)."""
     if bits == 2:
         min_nk = cfg.get("lut_w2_wide_min_nk")
@@ -578,13 +578,13 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
     """
     if dtype == torch.float32:
         return "dense"
+    known = n is not None and k is not None  # the layer's shape (without it: the M thresholds alone)
     small_m, small_nk = cfg.get("tc_small_min_m"), cfg.get("tc_small_min_nk")  # absent or null: no such rule
-    if (small_m is not None and small_nk is not None and n is not None and k is not None
+    if (known and small_m is not None and small_nk is not None
             and small_m <= m <= min(TC_SMALL_MAX_M, cfg["tc_min_m"] - 1) and n * k >= small_nk
             and tc_available(device_index)):
         return "tc"
     tc_max_m = cfg["tc_max_m"]
-    known = n is not None and k is not None  # the layer's shape (without it: the M thresholds alone)
     if known and k >= cfg.get("tc_long_k_min_k", float("inf")) and n >= cfg.get("tc_long_k_min_n", 0):
         tc_max_m = max(tc_max_m, cfg["tc_long_k_max_m"])
     if cfg["tc_min_m"] <= m <= tc_max_m and tc_available(device_index):
@@ -598,6 +598,12 @@ def _split_buffers(splits: int, partial_floats: int, device) -> tuple[torch.Tens
     if splits > 1:
         return torch.empty(partial_floats, dtype=torch.float32, device=device), _counters_for(device)
     return torch.empty(0, dtype=torch.float32, device=device), torch.empty(0, dtype=torch.int32, device=device)
+
+
+def _rows_for_kernel(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it: contiguous rows from a 16-byte aligned start (a copy only if not)."""
+    x = x.contiguous()
+    return x.clone() if x.data_ptr() % 16 else x
 
 
 def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None,
@@ -616,12 +622,8 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         if x.dtype not in (torch.float16, torch.bfloat16):
             _fail(f"the tensor-core path needs fp16/bf16 activations, got {x.dtype}")
         pl = plan_tc(m, n, k, cfg, block_m, splits)
-        if pl["block_m"] > TC_GATHER_MAX_BLOCK_M:
-            xp = permute_activations(x)
-        else:  # the kernel gathers the K order itself
-            xp = x.contiguous()
-            if xp.data_ptr() % 16:
-                xp = xp.clone()
+        # up to TC_GATHER_MAX_BLOCK_M rows per CTA the kernel gathers the K order itself
+        xp = permute_activations(x) if pl["block_m"] > TC_GATHER_MAX_BLOCK_M else _rows_for_kernel(x)
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         ws, counters = _split_buffers(pl["splits"], pl["splits"] * m * n, x.device)
         _ext().gemm_wgmma(xp, k, qweight, scales, tables, out, ws, counters, bits, group_size,
@@ -630,10 +632,7 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
     if path == "dense":
         return dense_gemm(x, qweight, scales, tables, bits, group_size, k,
                           cfg.get("dense_slab_bytes") if slab_bytes is None else slab_bytes)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    if x.data_ptr() % 16:
-        x = x.clone()
+    x = _rows_for_kernel(x)
     pl = device_plan(m, n, k, bits, x.dtype, dev_index, cfg, m_tiles, splits, warps, x_ahead)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counters = _split_buffers(pl["splits"], pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, x.device)

@@ -78,7 +78,7 @@
                                     // 0.952x the time at 3 bits, 0.956x at 2 bits; 0: none)
 #endif
 #ifndef FLUTE_LUT_MT1_XA_MIN_BLOCKS
-#define FLUTE_LUT_MT1_XA_MIN_BLOCKS 4  // 4-warp MT = 1 kernels with x-ahead (the experiment above): 128 registers
+#define FLUTE_LUT_MT1_XA_MIN_BLOCKS 4  // 4-warp MT = 1 kernels with x-ahead (2/3-bit, above): 128 registers
 #endif
 // FLUTE_LUT_MT1_TILES / MT2_TILES / MT4_TILES (flute_kernel.h): weight tiles per warp at MT = 1 / 2 / 4.
 // 2 tiles amortise the per-chunk ring, activation-load and loop work over two tiles (v9 at MT = 1).

@@ -152,6 +152,23 @@ struct WgmmaSmem {
   static constexpr int kBytes = kStages * kStage + kPair + 1024;  // + slack to align the base to 1024
 };
 
+// Activation copies into the ring (both the per-thread refill and the producer warp): piece c (16
+// bytes) of activation row r goes to 16-byte slot c ^ (r & 7) of the row (wgmma's 128-byte swizzle)
+// and holds, in the kernel layout's K order, the chunk's pair slots 4c..4c+3. BN >
+// kWgmmaGatherMaxRows: X comes pre-permuted (cuda_op.permute_activations: row stride Kp = K
+// rounded up to 64, zero pad), so a piece is one 16-byte copy. Smaller BN gather the piece from X
+// itself (row stride K): pair slot 16 b4 + 8 b1 + 4 b0 + j holds real pair b0 + 2 b1 + 16 b4 + 4 j
+// (see permute_activations), so piece c = 4 b4 + 2 b1 + b0 is 4 pairs 16 bytes apart, zero-filled
+// past K (K % 64 == 32: b4 = 1 of the last chunk).
+template <int BN> constexpr bool wgmma_gathers_x() { return BN <= kWgmmaGatherMaxRows; }
+template <int BN> __device__ __forceinline__ int wgmma_x_row_stride(int K) {
+  return wgmma_gathers_x<BN>() ? K : (K + 63) & ~63;
+}
+// The first element (in X's row, from the chunk start) of piece c.
+template <int BN> __device__ __forceinline__ int wgmma_x_piece_k(int c) {
+  return wgmma_gathers_x<BN>() ? 2 * ((c & 3) + 16 * (c >> 2)) : 8 * c;
+}
+
 #if FLUTE_HAS_WGMMA
 // The producer warp of FLUTE_WG_PRODUCER: copies one chunk of the CTA's ring stage per issue()
 // (chunks in order), as 16-byte pieces where it can: X rows r = lane / 8 + 4 j, piece lane % 8
@@ -161,7 +178,7 @@ struct WgmmaSmem {
 template <int BITS, int BN, typename T>
 struct WgmmaProducer {
   using Smem = WgmmaSmem<BITS, BN, T>;
-  static constexpr bool kGatherX = BN <= kWgmmaGatherMaxRows;
+  static constexpr bool kGatherX = wgmma_gathers_x<BN>();
   static constexpr int XJ = BN / 4;                   // X rows per lane
   static constexpr int CW = 32 * BITS;                // weight words per tile and chunk
   static constexpr int WP = 8 * BITS;                 // 16-byte weight pieces per tile and chunk
@@ -178,15 +195,12 @@ struct WgmmaProducer {
   int k_half;                                         // k of this lane's half in the next chunk
   int K, gshift, ngroups;
 
-  __device__ WgmmaProducer(const GemmParams& p, int lane, int m0, int cb) {
+  __device__ WgmmaProducer(const GemmParams& p, int lane, int m0, int cb, int ngroups_, int gshift_)
+      : K(p.K), gshift(gshift_), ngroups(ngroups_) {
     const int ntiles = p.N >> 4, nch = (p.K + 63) >> 6, tile0 = blockIdx.x * kWgmmaWarps;
-    K = p.K;
-    ngroups = p.K / p.group_size;
-    gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
     const int piece = lane & 7, row0 = lane >> 3;
-    const int stride = kGatherX ? p.K : (p.K + 63) & ~63;
-    const int src_k = kGatherX ? 2 * ((piece & 3) + 16 * (piece >> 2)) : 8 * piece;
-    x_first = reinterpret_cast<const T*>(p.x) + src_k;
+    const int stride = wgmma_x_row_stride<BN>(p.K);
+    x_first = reinterpret_cast<const T*>(p.x) + wgmma_x_piece_k<BN>(piece);
     const int first = min(m0 + row0, p.M - 1);
     x_next = x_first + (size_t)first * stride + (cb << 6);
 #pragma unroll
@@ -236,8 +250,8 @@ struct WgmmaProducer {
 // makes ptxas cap at 96, while 112 fit the register file (18 warps x 112 x 32 <= 64K), hence
 // `__maxnreg__` there (the two qualifiers exclude each other).
 template <int BN> constexpr int wgmma_max_regs() {
-  return (65536 / (wgmma_min_blocks<BN>() * wgmma_threads<BN>())) / 8 * 8 > 255 ? 255
-                                                                                : (65536 / (wgmma_min_blocks<BN>() * wgmma_threads<BN>())) / 8 * 8;
+  constexpr int fit = 65536 / (wgmma_min_blocks<BN>() * wgmma_threads<BN>()) / 8 * 8;
+  return fit > 255 ? 255 : fit;
 }
 #if FLUTE_WG_PRODUCER
 #define FLUTE_WG_BOUNDS __maxnreg__(wgmma_max_regs<BN>())
@@ -270,23 +284,15 @@ __global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
   const int cb = split * p.chunks_per_split;
   const int ce = min(nch, cb + p.chunks_per_split);
 
-  // ---- copy assignments (fixed across chunks) ----
-  // Piece c (16 bytes) of activation row r goes to 16-byte slot c ^ (r & 7) of the row (wgmma's
-  // 128-byte swizzle) and holds, in the kernel layout's K order, the chunk's pair slots 4c..4c+3.
-  // BN > kWgmmaGatherMaxRows: X comes pre-permuted (cuda_op.permute_activations: row stride Kp = K
-  // rounded up to 64, zero pad), so a piece is one 16-byte copy. Smaller BN gather the piece from X
-  // itself (row stride K): pair slot 16 b4 + 8 b1 + 4 b0 + j holds real pair b0 + 2 b1 + 16 b4 + 4 j
-  // (see permute_activations), so piece c = 4 b4 + 2 b1 + b0 is 4 pairs 16 bytes apart, zero-filled
-  // past K (K % 64 == 32: b4 = 1 of the last chunk).
-  constexpr bool kGatherX = BN <= kWgmmaGatherMaxRows;
-  const int x_stride = kGatherX ? p.K : (p.K + 63) & ~63;
+  // ---- copy assignments (fixed across chunks; the activation pieces: see wgmma_x_piece_k) ----
+  constexpr bool kGatherX = wgmma_gathers_x<BN>();
+  const int x_stride = wgmma_x_row_stride<BN>(p.K);
   const int x_piece = tid & 7;
   const int x_row0 = tid >> 3;  // + 32 j
   constexpr int XJ = BN >= 32 ? BN / 32 : 1;  // rows x_row0 + 32 j this thread copies
   const bool x_copies = BN >= 32 || x_row0 < BN;  // BN < 32: threads of rows >= BN copy no activations
   const uint32_t x_dst0 = (uint32_t)(x_row0 * 128 + ((x_piece ^ (x_row0 & 7)) << 4));
-  const int x_src_k = kGatherX ? 2 * ((x_piece & 3) + 16 * (x_piece >> 2)) : 8 * x_piece;  // in its chunk
-  const T* x = reinterpret_cast<const T*>(p.x) + x_src_k;
+  const T* x = reinterpret_cast<const T*>(p.x) + wgmma_x_piece_k<BN>(x_piece);
   // Weights: warp copies its own tile's chunk (BITS words per lane); scales: lanes < 16 copy two
   // scales of half h = lane >> 3 (k-steps 0-1 / 2-3 may lie in different groups only when G == 32).
   constexpr int CW = 32 * BITS;
@@ -368,7 +374,7 @@ __global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
 #if FLUTE_HAS_WGMMA && FLUTE_WG_PRODUCER  // (preprocessor, so that the default build's code is unchanged)
   // FLUTE_WG_PRODUCER: the producer fills every stage once before the pair-table build (no stage
   // has been used yet, so no `empty` wait), the rest of the chunks after it.
-  WgmmaProducer<BITS, BN, T> prod(p, lane, m0, cb);
+  WgmmaProducer<BITS, BN, T> prod(p, lane, m0, cb, ngroups, gshift);
   int pi = cb;  // the producer's next chunk
   if (is_producer) {
     for (; pi < ce && pi - cb < STAGES; ++pi) {
