@@ -46,15 +46,17 @@ template <int BN> constexpr int wgmma_pair_copies() { return BN <= 64 ? 32 : 16;
 template <int BITS, int BN> struct WgmmaStages {
   static constexpr int value = BN == 64 ? (BITS == 4 ? 6 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
 };
-// Experiment (FLUTE_WG_PRODUCER=1, off by default, not GPU-run yet): the BN <= 64 kernels get a 9th,
-// producer warp that issues every ring copy of the CTA (X, weights, scales) and waits on the `empty`
-// barriers, so the 8 consumer warps only wait `full`, decode and MMA. The refill is ~70 of the
-// consumers' ~200 instructions per chunk (v14 ncu); the cost is the register cap at 2 CTAs/SM,
-// 128 -> 112 (288 threads).
-#ifndef FLUTE_WG_PRODUCER
-#define FLUTE_WG_PRODUCER 0
+// Producer warp (`WgmmaProducer`) for the BN in the bit mask FLUTE_WG_PRODUCER_BNS (BN values are
+// powers of two; default 8 | 16 | 32): a 9th warp issues every ring copy of the CTA (X, weights,
+// scales) and waits on the `empty` barriers, so the 8 consumer warps only wait `full`, decode and
+// MMA. At BN <= 32 the consumers' refill was the expensive 4-byte X gather (~70 of their ~200
+// instructions per chunk, v14 ncu). v15 A/B on H200 (8 shapes, fp16 W4 g128): BN = 32 at M = 17 /
+// 32 0.925x the time, BN = 16 at M = 16 0.90x; BN = 64 (X is one 16-byte piece per consumer thread
+// there, so little to offload, and the register cap drops to 112) 1.165x.
+#ifndef FLUTE_WG_PRODUCER_BNS
+#define FLUTE_WG_PRODUCER_BNS (8 | 16 | 32)
 #endif
-template <int BN> constexpr bool wgmma_producer() { return FLUTE_WG_PRODUCER && BN <= 64; }
+template <int BN> constexpr bool wgmma_producer() { return (FLUTE_WG_PRODUCER_BNS & BN) != 0; }
 template <int BN> constexpr int wgmma_threads() { return (kWgmmaWarps + (wgmma_producer<BN>() ? 1 : 0)) * 32; }
 // Resident CTAs per SM (__launch_bounds__ and ring depth; cuda_op.plan_tc's wave model mirrors it).
 // 3 at BN <= 32 (80 registers) measured no faster than 2 (v14 A/B: 0.998x at BN = 16, BN = 32 spills).
@@ -170,7 +172,7 @@ template <int BN> __device__ __forceinline__ int wgmma_x_piece_k(int c) {
 }
 
 #if FLUTE_HAS_WGMMA
-// The producer warp of FLUTE_WG_PRODUCER: copies one chunk of the CTA's ring stage per issue()
+// The producer warp (wgmma_producer): copies one chunk of the CTA's ring stage per issue()
 // (chunks in order), as 16-byte pieces where it can: X rows r = lane / 8 + 4 j, piece lane % 8
 // (swizzled as the consumer-side copy does; BN <= kWgmmaGatherMaxRows gathers 4 x 4 bytes with
 // zero fill past K); each tile's chunk of packed weights (contiguous, CW words) as 8 * BITS pieces;
@@ -246,21 +248,10 @@ struct WgmmaProducer {
 };
 #endif  // FLUTE_HAS_WGMMA
 
-// Register cap: 2 CTAs/SM (1 at BN = 256). With the producer warp (288 threads) `__launch_bounds__`
-// makes ptxas cap at 96, while 112 fit the register file (18 warps x 112 x 32 <= 64K), hence
-// `__maxnreg__` there (the two qualifiers exclude each other).
-template <int BN> constexpr int wgmma_max_regs() {
-  constexpr int fit = 65536 / (wgmma_min_blocks<BN>() * wgmma_threads<BN>()) / 8 * 8;
-  return fit > 255 ? 255 : fit;
-}
-#if FLUTE_WG_PRODUCER
-#define FLUTE_WG_BOUNDS __maxnreg__(wgmma_max_regs<BN>())
-#else
-#define FLUTE_WG_BOUNDS __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>())
-#endif
-
+// Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
+// (BN <= 32 need 94-96, no spill).
 template <int BITS, int BN, typename T>
-__global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(const GemmParams p) {
 #if FLUTE_HAS_WGMMA
   using Smem = WgmmaSmem<BITS, BN, T>;
   constexpr int NACC = BN / 2;
@@ -275,7 +266,7 @@ __global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
   const int ngroups = p.K / p.group_size;
   const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
   constexpr bool PRODUCER = wgmma_producer<BN>();
-  const bool is_producer = PRODUCER && warp == kWgmmaWarps;  // FLUTE_WG_PRODUCER: the copying warp
+  const bool is_producer = PRODUCER && warp == kWgmmaWarps;  // the copying warp (wgmma_producer)
   const int tile_raw = blockIdx.x * kWgmmaWarps + warp;
   const bool tile_ok = tile_raw < ntiles && !is_producer;
   const int tile = min(tile_raw, ntiles - 1);
@@ -371,18 +362,18 @@ __global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
     }
   }
   __syncthreads();  // barriers initialised before anyone arrives
-#if FLUTE_HAS_WGMMA && FLUTE_WG_PRODUCER  // (preprocessor, so that the default build's code is unchanged)
-  // FLUTE_WG_PRODUCER: the producer fills every stage once before the pair-table build (no stage
-  // has been used yet, so no `empty` wait), the rest of the chunks after it.
+  // Producer: fills every stage once before the pair-table build (no stage has been used yet, so
+  // no `empty` wait), the rest of the chunks after it.
   WgmmaProducer<BITS, BN, T> prod(p, lane, m0, cb, ngroups, gshift);
   int pi = cb;  // the producer's next chunk
-  if (is_producer) {
-    for (; pi < ce && pi - cb < STAGES; ++pi) {
-      prod.issue(sbase + (pi - cb) * Smem::kStage, lane);
-      mbar_arrive_cp_async(full0 + 8 * (pi - cb));
+  if constexpr (PRODUCER) {
+    if (is_producer) {
+      for (; pi < ce && pi - cb < STAGES; ++pi) {
+        prod.issue(sbase + (pi - cb) * Smem::kStage, lane);
+        mbar_arrive_cp_async(full0 + 8 * (pi - cb));
+      }
     }
   }
-#endif
   if constexpr (!PRODUCER) {
 #pragma unroll
     for (int st = 0; st < PD; ++st) {
@@ -490,8 +481,7 @@ __global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
     rel = st;
     if (++st == STAGES) { st = 0; st_phase ^= 1; }
   };
-#if FLUTE_HAS_WGMMA && FLUTE_WG_PRODUCER
-  if (is_producer) {
+  if (PRODUCER && is_producer) {
     // Fill i (counted from cb) of stage i % STAGES waits for the consumers' release of fill i - STAGES:
     // completion (i / STAGES - 1) of that stage's `empty` barrier.
     for (; pi < ce; ++pi) {
@@ -501,7 +491,6 @@ __global__ void FLUTE_WG_BOUNDS lut_wgmma_kernel(const GemmParams p) {
       mbar_arrive_cp_async(full0 + 8 * s);
     }
   } else
-#endif
   {
     uint32_t a0[4][4], a1[4][4];
     // (The odd tail stays outside the loop: every path then alternates a0 / a1, which is what lets
