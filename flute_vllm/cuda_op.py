@@ -437,7 +437,6 @@ def tc_available(device_index: int) -> bool:
 
 TC_ROWS_PER_CTA = 128  # kernels/flute_kernel.h kWgmmaRowsPerCta
 TC_BLOCK_MS = (8, 16, 32, 64, 128, 256)  # the wgmma N of the kernels built (kernels/flute_wgmma.cu)
-TC_GATHER_MAX_BLOCK_M = 32  # kWgmmaGatherMaxRows: up to here the kernel reads X unpermuted
 TC_SMALL_MAX_M = 32  # the per-layer tensor-core rule below tc_min_m (tc_small_*) covers M up to here
 
 
@@ -477,6 +476,12 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
 
 # ----------------------------------------------------------------------------------------------
 # the op
+
+
+@lru_cache(maxsize=None)
+def _tc_gather_max_block_m() -> int:
+    """Largest block_m at which the built tensor-core kernel reads X unpermuted (kWgmmaGatherMaxRows)."""
+    return int(_ext().wgmma_gather_max_rows())
 
 
 def _ext():
@@ -622,8 +627,8 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         if x.dtype not in (torch.float16, torch.bfloat16):
             _fail(f"the tensor-core path needs fp16/bf16 activations, got {x.dtype}")
         pl = plan_tc(m, n, k, cfg, block_m, splits)
-        # up to TC_GATHER_MAX_BLOCK_M rows per CTA the kernel gathers the K order itself
-        xp = permute_activations(x) if pl["block_m"] > TC_GATHER_MAX_BLOCK_M else _rows_for_kernel(x)
+        # up to wgmma_gather_max_rows() rows per CTA the kernel gathers the K order itself
+        xp = permute_activations(x) if pl["block_m"] > _tc_gather_max_block_m() else _rows_for_kernel(x)
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         ws, counters = _split_buffers(pl["splits"], pl["splits"] * m * n, x.device)
         _ext().gemm_wgmma(xp, k, qweight, scales, tables, out, ws, counters, bits, group_size,

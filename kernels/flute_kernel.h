@@ -99,7 +99,12 @@ constexpr int kWgmmaRowsPerCta = 128;
 // The tensor-core kernels with at most this many activation rows per CTA (decode sizes) read X in
 // its own order, [M, K] (they gather the kernel layout's K order with 4-byte copies: a separate
 // permute kernel would cost more than the copies there); larger ones take X permuted, [M, Kp].
-constexpr int kWgmmaGatherMaxRows = 32;
+// (v15 A/B on H200, M = 33-64: gathering at BN = 64 too was 1.17x the time, 1.27x with the producer
+// warp; the Python side asks the extension for this value: wgmma_gather_max_rows.)
+#ifndef FLUTE_WG_GATHER_MAX_ROWS
+#define FLUTE_WG_GATHER_MAX_ROWS 32
+#endif
+constexpr int kWgmmaGatherMaxRows = FLUTE_WG_GATHER_MAX_ROWS;
 inline int wgmma_grid_x(int N) { return (N + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta; }
 cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream);
 // True when the device is sm_90 and the extension holds sm_90a code (probed once, synchronously:

@@ -249,7 +249,7 @@ struct WgmmaProducer {
 #endif  // FLUTE_HAS_WGMMA
 
 // Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
-// (BN <= 32 need 94-96, no spill).
+// (BN <= 32 need 94-96, no spill; BN = 64 would spill, and `__maxnreg__` 112 lost there, v15).
 template <int BITS, int BN, typename T>
 __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(const GemmParams p) {
 #if FLUTE_HAS_WGMMA
@@ -311,9 +311,12 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     if constexpr (kGatherX) {
       if (x_copies) {
         const bool in_k = xk_next < p.K;
-        const T* src = in_k ? x_next : x;  // a zero-filled copy reads nothing but needs a valid address
 #pragma unroll
-        for (int j = 0; j < 4; ++j) cp_async4_zfill_s(xd + 4 * j, src + 8 * j, in_k);
+        for (int j = 0; j < XJ; ++j) {
+          const T* src = in_k ? x_next + x_off[j] : x;  // a zero-filled copy reads nothing but needs a valid address
+#pragma unroll
+          for (int e = 0; e < 4; ++e) cp_async4_zfill_s(xd + j * 4096 + 4 * e, src + 8 * e, in_k);
+        }
       }
       xk_next += 64;
     } else {

@@ -147,6 +147,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "flute LUT-GEMM (kernel layout)");
   m.def("gemm_wgmma", &gemm_wgmma, "flute LUT-GEMM, sm_90a tensor-core path (kernel layout)");
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
+  m.def("wgmma_gather_max_rows", [] { return (int64_t)flute::kWgmmaGatherMaxRows; },
+        "largest block_m at which the tensor-core path reads x unpermuted (gathers the K order itself)");
   m.def("dequant", &dequant, "flute dequantize (kernel layout) to dense");
   m.def("ctas_per_sm", &ctas_per_sm, "resident CTAs per SM of the gemm kernel for (bits, m_tiles, dtype, warps, x_ahead)");
   m.def("wide_ok", [](int64_t m_tiles) { return flute::gemm_wide_ok((int)m_tiles); },
