@@ -411,6 +411,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   int st = 0, st_phase = 0;               // stage / full-parity of the chunk being consumed
   int ld = PD, ld_phase = 1;              // stage / empty-parity of the chunk being loaded
   int rel = 0;                            // stage of the previous chunk (to release)
+  const uint64_t desc0 = smem_desc_sw128(sbase);  // the first ring stage's X tile
+  const uint32_t desc0_lo = (uint32_t)desc0, desc0_hi = (uint32_t)(desc0 >> 32);
   auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
     if constexpr (!PRODUCER) {
       if (cc + PD < ce) {
@@ -463,11 +465,13 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
       a[s][2] = mul2<T>(a[s][2], s2[s >> 1][0]);
       a[s][3] = mul2<T>(a[s][3], s2[s >> 1][1]);
     }
-    const uint32_t xs_base = sbase + st * Smem::kStage;
     uint64_t desc[4];
 #pragma unroll
     for (int s = 0; s < 4; ++s) {
-      desc[s] = smem_desc_sw128(xs_base + 32 * s);
+      // The ring lies below 256 KB, so the descriptor's address field (bits 0-13, address / 16) of
+      // stage st, k-step s is the first stage's plus a 32-bit constant, with no carry into the other
+      // fields: one add instead of rebuilding it (~6 uniform ops; v15 A/B 0.988x the time).
+      desc[s] = ((uint64_t)desc0_hi << 32) | (desc0_lo + (uint32_t)st * (Smem::kStage >> 4) + 2u * s);
       // Materialise every wgmma input before the fence: an input defined between the wgmmas of
       // one group makes ptxas serialise them (C7513).
       asm volatile("" : "+l"(desc[s]), "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
