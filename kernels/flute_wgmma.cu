@@ -354,8 +354,9 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   constexpr int STAGES = Smem::kStages;
   constexpr int PD = STAGES - 2;  // prefetch distance (see the ring argument below)
   // Ring synchronisation by mbarriers, not by a CTA barrier per chunk: the two warpgroups drift
-  // apart, so one decodes while the other's wgmmas run. full[s]: 256 arrivals (every thread's
-  // cp.asyncs of the stage landed); empty[s]: 8 arrivals (every warp finished with the stage).
+  // apart, so one decodes while the other's wgmmas run. full[s]: 256 arrivals, 32 with the producer
+  // warp (every copying thread's cp.asyncs of the stage landed); empty[s]: 8 arrivals (every
+  // consumer warp finished with the stage).
   __shared__ __align__(8) uint64_t s_full[8], s_empty[8];
   const uint32_t full0 = smem_addr(&s_full[0]), empty0 = smem_addr(&s_empty[0]);
   if (tid == 0) {
@@ -366,7 +367,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   }
   __syncthreads();  // barriers initialised before anyone arrives
   // Producer: fills every stage once before the pair-table build (no stage has been used yet, so
-  // no `empty` wait), the rest of the chunks after it.
+  // no `empty` wait), the rest of the chunks after it. (Without a producer warp `prod` is unused
+  // and compiled away.)
   WgmmaProducer<BITS, BN, T> prod(p, lane, m0, cb, ngroups, gshift);
   int pi = cb;  // the producer's next chunk
   if constexpr (PRODUCER) {
