@@ -8,7 +8,8 @@
 // the activations its B operand (N side). A wgmma A fragment held in registers has, per warp, the
 // layout of an mma.m16n8k16 A fragment, so the decode of flute_device.cuh (written for the
 // mma.sync kernel, same kernel weight layout) produces it unchanged. Each CTA = 2 warpgroups =
-// 8 warps = 128 weight rows (warp w owns 16-row tile w) x BN activation rows.
+// 8 warps = 128 weight rows (warp w owns 16-row tile w; FLUTE_WG_TWO_TILES_BNS: 4 warps, tiles w and
+// w + 4) x BN activation rows.
 //
 // Activations: the kernel layout permutes K inside each 64-wide chunk (so that the mma.sync
 // kernel reads contiguous fragments); the B tile in shared memory must hold the activations in
@@ -33,7 +34,7 @@ namespace {
 #define FLUTE_HAS_WGMMA 0
 #endif
 
-constexpr int kWgmmaWarps = 8;    // 2 warpgroups
+constexpr int kWgmmaTiles = 8;    // 16-row weight tiles per CTA (one per consumer warp: 2 warpgroups)
 // Ring depth per BN >= 64 (shared memory ~110 / 105 / 190 KB at BN = 64 / 128 / 256: 2 / 2 / 1 CTAs
 // per SM): STAGES - 2 chunks are in flight ahead of the one consumed, which is what keeps HBM busy
 // when the kernel is memory bound (small M). 4-bit kernels also hold the pair table (32 / 16 / 16 KB),
@@ -57,7 +58,17 @@ template <int BITS, int BN> struct WgmmaStages {
 #define FLUTE_WG_PRODUCER_BNS (8 | 16 | 32)
 #endif
 template <int BN> constexpr bool wgmma_producer() { return (FLUTE_WG_PRODUCER_BNS & BN) != 0; }
-template <int BN> constexpr int wgmma_threads() { return (kWgmmaWarps + (wgmma_producer<BN>() ? 1 : 0)) * 32; }
+// Experiment (FLUTE_WG_TWO_TILES_BNS, a bit mask of BN like the producer's; default none; needs the
+// producer warp): one consumer warpgroup whose warps each own two of the CTA's tiles (w and w + 4,
+// i.e. both m64 halves), decode both per chunk and issue both halves' wgmmas as one group. Same
+// CTA shape and grid; half the consumer warps, each with twice the independent decode chains, and
+// the per-chunk barrier / fence / descriptor / release work shared by two tiles.
+#ifndef FLUTE_WG_TWO_TILES_BNS
+#define FLUTE_WG_TWO_TILES_BNS 0
+#endif
+template <int BN> constexpr int wgmma_tiles_per_warp() { return (FLUTE_WG_TWO_TILES_BNS & BN) ? 2 : 1; }
+template <int BN> constexpr int wgmma_consumer_warps() { return kWgmmaTiles / wgmma_tiles_per_warp<BN>(); }
+template <int BN> constexpr int wgmma_threads() { return (wgmma_consumer_warps<BN>() + (wgmma_producer<BN>() ? 1 : 0)) * 32; }
 // Resident CTAs per SM (__launch_bounds__ and ring depth; cuda_op.plan_tc's wave model mirrors it).
 // 3 at BN <= 32 (80 registers) measured no faster than 2 (v14 A/B: 0.998x at BN = 16, BN = 32 spills).
 template <int BN> constexpr int wgmma_min_blocks() { return BN == 256 ? 1 : 2; }
@@ -141,8 +152,8 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 template <int BITS, int BN, typename T>
 struct WgmmaSmem {
   static constexpr int kX = BN * 128;                // activations: BN rows x 64 k x 2 bytes
-  static constexpr int kW = kWgmmaWarps * 128 * BITS;  // packed weights: 8 tiles x 32 lanes x BITS words
-  static constexpr int kS = kWgmmaWarps * 2 * 16 * (int)sizeof(T);  // scales: 8 tiles x 2 halves x 16 rows
+  static constexpr int kW = kWgmmaTiles * 128 * BITS;  // packed weights: 8 tiles x 32 lanes x BITS words
+  static constexpr int kS = kWgmmaTiles * 2 * 16 * (int)sizeof(T);  // scales: 8 tiles x 2 halves x 16 rows
   static constexpr int kStage = (kX + kW + kS + 1023) / 1024 * 1024;  // X tiles stay 1024-aligned (swizzle)
   using Pair = PairTable<wgmma_pair_copies<BN>()>;
   static constexpr int kPair = BITS == 4 ? Pair::kBytes : 0;  // after the ring
@@ -184,7 +195,7 @@ struct WgmmaProducer {
   static constexpr int XJ = BN / 4;                   // X rows per lane
   static constexpr int CW = 32 * BITS;                // weight words per tile and chunk
   static constexpr int WP = 8 * BITS;                 // 16-byte weight pieces per tile and chunk
-  static constexpr int WJ = kWgmmaWarps * WP / 32;    // ... per lane
+  static constexpr int WJ = kWgmmaTiles * WP / 32;    // ... per lane
   const T* x_next;                                    // row lane / 8 (clamped), this chunk
   uint32_t x_off[XJ];                                 // rows lane / 8 + 4 j relative to it, elements
   const T* x_first;                                   // a valid address for zero-filled copies
@@ -199,7 +210,7 @@ struct WgmmaProducer {
 
   __device__ WgmmaProducer(const GemmParams& p, int lane, int m0, int cb, int ngroups_, int gshift_)
       : K(p.K), gshift(gshift_), ngroups(ngroups_) {
-    const int ntiles = p.N >> 4, nch = (p.K + 63) >> 6, tile0 = blockIdx.x * kWgmmaWarps;
+    const int ntiles = p.N >> 4, nch = (p.K + 63) >> 6, tile0 = blockIdx.x * kWgmmaTiles;
     const int piece = lane & 7, row0 = lane >> 3;
     const int stride = wgmma_x_row_stride<BN>(p.K);
     x_first = reinterpret_cast<const T*>(p.x) + wgmma_x_piece_k<BN>(piece);
@@ -266,10 +277,20 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   const int ngroups = p.K / p.group_size;
   const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
   constexpr bool PRODUCER = wgmma_producer<BN>();
-  const bool is_producer = PRODUCER && warp == kWgmmaWarps;  // the copying warp (wgmma_producer)
-  const int tile_raw = blockIdx.x * kWgmmaWarps + warp;
-  const bool tile_ok = tile_raw < ntiles && !is_producer;
-  const int tile = min(tile_raw, ntiles - 1);
+  constexpr int WT = wgmma_tiles_per_warp<BN>();  // tiles per consumer warp
+  constexpr int CWARPS = wgmma_consumer_warps<BN>();
+  static_assert(WT == 1 || PRODUCER, "two tiles per warp need the producer warp (the per-thread refill copies one tile)");
+  const bool is_producer = PRODUCER && warp == CWARPS;  // the copying warp (wgmma_producer)
+  // Tile u of this warp: CTA tile warp + CWARPS u (WT = 2: one per m64 half of the CTA).
+  int tiles[WT];
+  bool tiles_ok[WT];
+#pragma unroll
+  for (int u = 0; u < WT; ++u) {
+    const int tile_raw = blockIdx.x * kWgmmaTiles + warp + CWARPS * u;
+    tiles_ok[u] = tile_raw < ntiles && !is_producer;
+    tiles[u] = min(tile_raw, ntiles - 1);
+  }
+  const int tile = tiles[0];
   const int m0 = blockIdx.y * BN;
   const int split = blockIdx.z;
   const int cb = split * p.chunks_per_split;
@@ -340,16 +361,18 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     k_next += 64;
   };
 
-  ByteTable tb;
-  {
-    const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tile * kTableWords);
+  ByteTable tb[WT];
+#pragma unroll
+  for (int u = 0; u < WT; ++u) {
+    const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tiles[u] * kTableWords);
     const uint4 l = __ldg(tp), h = __ldg(tp + 1);
-    tb.lo[0] = l.x; tb.lo[1] = l.y; tb.lo[2] = l.z; tb.lo[3] = l.w;
-    tb.hi[0] = h.x; tb.hi[1] = h.y; tb.hi[2] = h.z; tb.hi[3] = h.w;
+    tb[u].lo[0] = l.x; tb[u].lo[1] = l.y; tb[u].lo[2] = l.z; tb[u].lo[3] = l.w;
+    tb[u].hi[0] = h.x; tb[u].hi[1] = h.y; tb[u].hi[2] = h.z; tb[u].hi[3] = h.w;
   }
 
-  float acc[NACC];
-  zero_fill(acc);
+  float acc[WT][NACC];
+#pragma unroll
+  for (int u = 0; u < WT; ++u) zero_fill(acc[u]);
 
   constexpr int STAGES = Smem::kStages;
   constexpr int PD = STAGES - 2;  // prefetch distance (see the ring argument below)
@@ -361,8 +384,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   const uint32_t full0 = smem_addr(&s_full[0]), empty0 = smem_addr(&s_empty[0]);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, PRODUCER ? 32 : kWgmmaWarps * 32);
-      mbar_init(empty0 + 8 * s, kWgmmaWarps);
+      mbar_init(full0 + 8 * s, PRODUCER ? 32 : CWARPS * 32);
+      mbar_init(empty0 + 8 * s, CWARPS);
     }
   }
   __syncthreads();  // barriers initialised before anyone arrives
@@ -391,16 +414,18 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   // 4-bit: the pair table of the CTA's first tile, built while the prologue's copies fly; a warp
   // whose tile has another table (a fused-shard boundary inside the CTA) decodes with byte
   // permutes instead.
-  bool use_pair = false;
+  bool use_pair[WT];  // (read only by 4-bit kernels, which set it below)
   using Pair = typename Smem::Pair;
   const uint32_t pair_lane = sbase + STAGES * Smem::kStage + Pair::lane_offset(lane);
   if constexpr (BITS == 4) {
-    const int cta_tile0 = min((int)blockIdx.x * kWgmmaWarps, ntiles - 1);
+    const int cta_tile0 = min((int)blockIdx.x * kWgmmaTiles, ntiles - 1);
     const uint32_t* tp0 = p.tables + (size_t)cta_tile0 * kTableWords;
     build_pair_table<Pair::kCopies>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
     const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp0)), h = __ldg(reinterpret_cast<const uint4*>(tp0) + 1);
-    use_pair = l.x == tb.lo[0] && l.y == tb.lo[1] && l.z == tb.lo[2] && l.w == tb.lo[3] &&
-               h.x == tb.hi[0] && h.y == tb.hi[1] && h.z == tb.hi[2] && h.w == tb.hi[3];
+#pragma unroll
+    for (int u = 0; u < WT; ++u)
+      use_pair[u] = l.x == tb[u].lo[0] && l.y == tb[u].lo[1] && l.z == tb[u].lo[2] && l.w == tb[u].lo[3] &&
+                    h.x == tb[u].hi[0] && h.y == tb[u].hi[1] && h.z == tb[u].hi[2] && h.w == tb[u].hi[3];
     __syncthreads();  // the pair table is complete before any lookup
   }
 
@@ -415,7 +440,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   int rel = 0;                            // stage of the previous chunk (to release)
   const uint64_t desc0 = smem_desc_sw128(sbase);  // the first ring stage's X tile
   const uint32_t desc0_lo = (uint32_t)desc0, desc0_hi = (uint32_t)(desc0 >> 32);
-  auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
+  auto chunk = [&](int cc, uint32_t (&a)[WT][4][4]) {
     if constexpr (!PRODUCER) {
       if (cc + PD < ce) {
         mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's last chunk
@@ -428,44 +453,48 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     const uint8_t* sg = sgen + st * Smem::kStage;
-    Frag<BITS> f;
-    {
-      const uint32_t* sw = reinterpret_cast<const uint32_t*>(sg + Smem::kX) + warp * CW;
-      if constexpr (BITS == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
-        f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
-        f.w[0] = v.x; f.w[1] = v.y;
-        if constexpr (BITS == 3) f.w[2] = sw[64 + lane];
+#pragma unroll
+    for (int u = 0; u < WT; ++u) {
+      const int lt = warp + CWARPS * u;  // the tile's slot in the stage
+      Frag<BITS> f;
+      {
+        const uint32_t* sw = reinterpret_cast<const uint32_t*>(sg + Smem::kX) + lt * CW;
+        if constexpr (BITS == 4) {
+          const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
+          f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
+        } else {
+          const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
+          f.w[0] = v.x; f.w[1] = v.y;
+          if constexpr (BITS == 3) f.w[2] = sw[64 + lane];
+        }
       }
-    }
-    const T* ssc = reinterpret_cast<const T*>(sg + Smem::kX + Smem::kW) + warp * 32;
-    uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
+      const T* ssc = reinterpret_cast<const T*>(sg + Smem::kX + Smem::kW) + lt * 32;
+      uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
-      const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
-      s2[h][0] = (uint32_t)lo * 0x10001u;
-      s2[h][1] = (uint32_t)hi * 0x10001u;
-    }
-    if (BITS == 4 && use_pair) {
-      decode_pair<0, Pair::kCopies>(f.w[0], pair_lane, a[0]);
-      decode_pair<1, Pair::kCopies>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
-      decode_pair<2, Pair::kCopies>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
-      decode_pair<3, Pair::kCopies>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
-    } else {
-      decode<BITS, 0>(f, tb, a[0]);
-      decode<BITS, 1>(f, tb, a[1]);
-      decode<BITS, 2>(f, tb, a[2]);
-      decode<BITS, 3>(f, tb, a[3]);
-    }
+      for (int h = 0; h < 2; ++h) {
+        const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
+        const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
+        s2[h][0] = (uint32_t)lo * 0x10001u;
+        s2[h][1] = (uint32_t)hi * 0x10001u;
+      }
+      if (BITS == 4 && use_pair[u]) {
+        decode_pair<0, Pair::kCopies>(f.w[0], pair_lane, a[u][0]);
+        decode_pair<1, Pair::kCopies>(f.w[1 & (BITS - 1)], pair_lane, a[u][1]);
+        decode_pair<2, Pair::kCopies>(f.w[2 & (BITS - 1)], pair_lane, a[u][2]);
+        decode_pair<3, Pair::kCopies>(f.w[3 & (BITS - 1)], pair_lane, a[u][3]);
+      } else {
+        decode<BITS, 0>(f, tb[u], a[u][0]);
+        decode<BITS, 1>(f, tb[u], a[u][1]);
+        decode<BITS, 2>(f, tb[u], a[u][2]);
+        decode<BITS, 3>(f, tb[u], a[u][3]);
+      }
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      a[s][0] = mul2<T>(a[s][0], s2[s >> 1][0]);
-      a[s][1] = mul2<T>(a[s][1], s2[s >> 1][1]);
-      a[s][2] = mul2<T>(a[s][2], s2[s >> 1][0]);
-      a[s][3] = mul2<T>(a[s][3], s2[s >> 1][1]);
+      for (int s = 0; s < 4; ++s) {
+        a[u][s][0] = mul2<T>(a[u][s][0], s2[s >> 1][0]);
+        a[u][s][1] = mul2<T>(a[u][s][1], s2[s >> 1][1]);
+        a[u][s][2] = mul2<T>(a[u][s][2], s2[s >> 1][0]);
+        a[u][s][3] = mul2<T>(a[u][s][3], s2[s >> 1][1]);
+      }
     }
     uint64_t desc[4];
 #pragma unroll
@@ -476,11 +505,15 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
       desc[s] = ((uint64_t)desc0_hi << 32) | (desc0_lo + (uint32_t)st * (Smem::kStage >> 4) + 2u * s);
       // Materialise every wgmma input before the fence: an input defined between the wgmmas of
       // one group makes ptxas serialise them (C7513).
-      asm volatile("" : "+l"(desc[s]), "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
+#pragma unroll
+      for (int u = 0; u < WT; ++u)
+        asm volatile("" : "+l"(desc[s]), "+r"(a[u][s][0]), "+r"(a[u][s][1]), "+r"(a[u][s][2]), "+r"(a[u][s][3])::"memory");
     }
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc, a[s], desc[s]);
+    for (int u = 0; u < WT; ++u)
+#pragma unroll
+      for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc[u], a[u][s], desc[s]);
     wgmma_commit();
     wgmma_wait<1>();  // chunk cc - 1's group is done: its registers and ring stage are free
     if (cc > cb) {
@@ -501,7 +534,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     }
   } else
   {
-    uint32_t a0[4][4], a1[4][4];
+    uint32_t a0[WT][4][4], a1[WT][4][4];
     // (The odd tail stays outside the loop: every path then alternates a0 / a1, which is what lets
     // ptxas keep the decode of one chunk overlapped with the wgmmas of the previous one.)
     int cc = cb;
@@ -512,23 +545,29 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     if (cc < ce) chunk(cc, a0);
     wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < NACC; ++i) pin(acc[i]);
+    for (int u = 0; u < WT; ++u)
+#pragma unroll
+      for (int i = 0; i < NACC; ++i) pin(acc[u][i]);
   }
   cp_async_wait<0>();
 
   // Epilogue. acc[4j + q]: weight row n = tile*16 + g + 8*(q>>1), activation row m = m0 + 8j + 2t + (q&1).
   const int t = lane & 3;
-  const int n_lo = tile * 16 + g;
   // for_each_out(put): put(m, n, v) for every valid output element of this warp.
   auto for_each_out = [&](auto&& put) {
-    if (!tile_ok) return;
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
+    for (int u = 0; u < WT; ++u) {
+      const int n_lo = tiles[u] * 16 + g;
+      if (tiles_ok[u]) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int m = m0 + 8 * j + 2 * t + (q & 1);
-        if (m < p.M) put(m, n_lo + 8 * (q >> 1), acc[4 * j + q]);
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int m = m0 + 8 * j + 2 * t + (q & 1);
+            if (m < p.M) put(m, n_lo + 8 * (q >> 1), acc[u][4 * j + q]);
+          }
       }
+    }
   };
   T* out = reinterpret_cast<T*>(p.out);
   if (p.splits == 1) {
@@ -546,8 +585,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   __syncthreads();
   if (!s_last) return;
   __threadfence();
-  const int n0 = blockIdx.x * kWgmmaWarps * 16;
-  const int nvalid = min(kWgmmaWarps * 16, p.N - n0);
+  const int n0 = blockIdx.x * kWgmmaTiles * 16;
+  const int nvalid = min(kWgmmaTiles * 16, p.N - n0);
   const int mvalid = min(BN, p.M - m0);
   const int units = mvalid * (nvalid >> 2);
   const size_t stride = (size_t)p.M * p.N;
