@@ -22,6 +22,9 @@
 #include <type_traits>
 
 #include "flute_kernel.h"
+#if FLUTE_WG_TMA_X
+#include <cuda.h>  // CUtensorMap (the map itself is encoded through the runtime's driver entry point)
+#endif
 #include "flute_device.cuh"
 #include "flute_dispatch.h"
 
@@ -65,6 +68,15 @@ template <int BN> constexpr bool wgmma_producer() { return (FLUTE_WG_PRODUCER_BN
 // the per-chunk barrier / fence / descriptor / release work shared by two tiles.
 #ifndef FLUTE_WG_TWO_TILES_BNS
 #define FLUTE_WG_TWO_TILES_BNS 0
+#endif
+// Experiment (FLUTE_WG_TMA_X=1, off): at BN >= 64 (X pre-permuted, [M, Kp]) one thread loads a
+// chunk's activation tile with one TMA copy (2-D tensor map, 128-byte swizzle: exactly the layout
+// the per-thread 16-byte copies build; rows past M zero-filled) instead of BN / 32 cp.asyncs and
+// their address math per thread; its `full` barrier then also waits for the TMA's bytes. The X tile
+// is written by the async proxy, so the consumers' proxy fence goes too. The kernel takes the map as
+// a second, __grid_constant__ parameter (hence a preprocessor knob).
+#ifndef FLUTE_WG_TMA_X
+#define FLUTE_WG_TMA_X 0
 #endif
 template <int BN> constexpr int wgmma_tiles_per_warp() { return (FLUTE_WG_TWO_TILES_BNS & BN) ? 2 : 1; }
 template <int BN> constexpr int wgmma_consumer_warps() { return kWgmmaTiles / wgmma_tiles_per_warp<BN>(); }
@@ -147,6 +159,20 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "@p bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 
+#if FLUTE_WG_TMA_X
+// One arrival on `bar` that also expects `bytes` of asynchronous (TMA) writes before the phase completes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+// TMA: the box at (c0 inner, c1 outer) of the 2-D tensor map `tmap` (a __grid_constant__ parameter)
+// to shared memory at dst, completing `bar`'s transaction count.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+      "l"(tmap), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+#endif
 #endif  // FLUTE_HAS_WGMMA
 
 template <int BITS, int BN, typename T>
@@ -174,6 +200,7 @@ struct WgmmaSmem {
 // (see permute_activations), so piece c = 4 b4 + 2 b1 + b0 is 4 pairs 16 bytes apart, zero-filled
 // past K (K % 64 == 32: b4 = 1 of the last chunk).
 template <int BN> constexpr bool wgmma_gathers_x() { return BN <= kWgmmaGatherMaxRows; }
+template <int BN> constexpr bool wgmma_tma_x() { return FLUTE_WG_TMA_X && !wgmma_gathers_x<BN>() && !wgmma_producer<BN>(); }
 template <int BN> __device__ __forceinline__ int wgmma_x_row_stride(int K) {
   return wgmma_gathers_x<BN>() ? K : (K + 63) & ~63;
 }
@@ -262,7 +289,11 @@ struct WgmmaProducer {
 // Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
 // (BN <= 32 need 94-96, no spill; BN = 64 would spill, and `__maxnreg__` 112 lost there, v15).
 template <int BITS, int BN, typename T>
-__global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(const GemmParams p
+#if FLUTE_WG_TMA_X
+                                                                                                , const __grid_constant__ CUtensorMap tmap_x
+#endif
+) {
 #if FLUTE_HAS_WGMMA
   using Smem = WgmmaSmem<BITS, BN, T>;
   constexpr int NACC = BN / 2;
@@ -327,8 +358,22 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   for (int j = 1; j < XJ; ++j) x_off[j] = (uint32_t)(min(m0 + x_row0 + 32 * j, p.M - 1) - x_row_first) * (uint32_t)x_stride;
   const uint32_t* w_next = wsrc + (size_t)cb * CW;
   int k_next = (cb << 6) + 32 * sc_h;  // k of this lane's scale group in the next chunk to issue
+  // The ring's mbarriers (see below).
+  __shared__ __align__(8) uint64_t s_full[8], s_empty[8];
+  const uint32_t full0 = smem_addr(&s_full[0]), empty0 = smem_addr(&s_empty[0]);
+  constexpr bool TMA_X = wgmma_tma_x<BN>();
+  int x_col_next = cb << 6;  // TMA_X: the next chunk's first column of X (permuted, [M, Kp])
   auto issue = [&](int st) {
     const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
+#if FLUTE_WG_TMA_X
+    if constexpr (TMA_X) {
+      if (tid == 0) {
+        mbar_arrive_expect_tx(full0 + 8 * st, BN * 128);
+        tma_load_2d(sbase + st * Smem::kStage, &tmap_x, x_col_next, m0, full0 + 8 * st);
+      }
+      x_col_next += 64;
+    } else
+#endif
     if constexpr (kGatherX) {
       if (x_copies) {
         const bool in_k = xk_next < p.K;
@@ -380,11 +425,9 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   // apart, so one decodes while the other's wgmmas run. full[s]: 256 arrivals, 32 with the producer
   // warp (every copying thread's cp.asyncs of the stage landed); empty[s]: 8 arrivals (every
   // consumer warp finished with the stage).
-  __shared__ __align__(8) uint64_t s_full[8], s_empty[8];
-  const uint32_t full0 = smem_addr(&s_full[0]), empty0 = smem_addr(&s_empty[0]);
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, PRODUCER ? 32 : CWARPS * 32);
+      mbar_init(full0 + 8 * s, PRODUCER ? 32 : CWARPS * 32 + (TMA_X ? 1 : 0));  // (+ the TMA's expect-tx arrival)
       mbar_init(empty0 + 8 * s, CWARPS);
     }
   }
@@ -450,8 +493,9 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
       if (++ld == STAGES) { ld = 0; ld_phase ^= 1; }
     }
     mbar_wait(full0 + 8 * st, st_phase);  // chunk cc has landed (every thread's copies)
-    // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    // cp.async wrote through the generic proxy; wgmma reads through the async proxy (a TMA-loaded X
+    // tile was written by the async proxy already).
+    if constexpr (!TMA_X) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     const uint8_t* sg = sgen + st * Smem::kStage;
 #pragma unroll
     for (int u = 0; u < WT; ++u) {
@@ -613,6 +657,34 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
 
 __global__ void wgmma_probe_kernel(int* out) { *out = FLUTE_HAS_WGMMA; }
 
+#if FLUTE_WG_TMA_X
+// The 2-D tensor map of the permuted activations [M, Kp] (16-bit elements): box 64 x BN rows, 128-byte
+// swizzle, rows past M read as zeros. Encoded on the host per launch (no device work, so CUDA-graph
+// capture is fine) through the runtime's driver entry point (no libcuda link).
+inline cudaError_t encode_x_map(CUtensorMap* map, const GemmParams& p, int box_rows) {
+  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*, const cuuint64_t*,
+                              const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  static Encode encode = nullptr;
+  if (encode == nullptr) {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
+    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || fn == nullptr) return cudaErrorNotSupported;
+    encode = reinterpret_cast<Encode>(fn);
+  }
+  const cuuint64_t kp = (cuuint64_t)((p.K + 63) & ~63);
+  const cuuint64_t dims[2] = {kp, (cuuint64_t)p.M};
+  const cuuint64_t strides[1] = {kp * 2};  // bytes between rows
+  const cuuint32_t box[2] = {64, (cuuint32_t)box_rows};
+  const cuuint32_t estrides[2] = {1, 1};
+  const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(p.x), dims, strides, box, estrides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+#endif
+
 template <int BITS, int BN, typename T>
 cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream) {
   constexpr int bytes = WgmmaSmem<BITS, BN, T>::kBytes;
@@ -620,7 +692,16 @@ cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream) {
       cudaFuncSetAttribute(lut_wgmma_kernel<BITS, BN, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return attr;
   dim3 grid(wgmma_grid_x(p.N), (p.M + BN - 1) / BN, p.splits);
+#if FLUTE_WG_TMA_X
+  CUtensorMap map{};  // (a map is needed only by the TMA_X kernels; the others ignore it)
+  if constexpr (wgmma_tma_x<BN>()) {
+    const cudaError_t e = encode_x_map(&map, p, BN);
+    if (e != cudaSuccess) return e;
+  }
+  lut_wgmma_kernel<BITS, BN, T><<<grid, wgmma_threads<BN>(), bytes, stream>>>(p, map);
+#else
   lut_wgmma_kernel<BITS, BN, T><<<grid, wgmma_threads<BN>(), bytes, stream>>>(p);
+#endif
   return cudaGetLastError();
 }
 
