@@ -55,7 +55,7 @@ for _name in FULL:  # TP=2 slices: column-parallel halves N, row-parallel halves
     SHAPES[_name + "/tp2"] = (_n // 2, _k) if _name.endswith(("qkv", "gate_up")) else (_n, _k // 2)
 # The streaming floor (µs) for W4 g128 at M=1 on the H100 (DESIGN.md), full shapes only.
 FLOOR_US = dict(zip(FULL, (5.9, 4.5, 20.9, 11.3, 15.4, 12.7, 78.1, 40.0)))
-MS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
+MS = (1, 4, 16, 32, 64, 256, 1024, 4096, 8192)  # 32: batch-32 decode, the wgmma block_m = 32 path
 
 
 def gpu_name() -> str:
