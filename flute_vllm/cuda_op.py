@@ -577,9 +577,10 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
 
     Below ``tc_min_m``, up to M = ``TC_SMALL_MAX_M``, layers with N * K >= ``tc_small_min_nk`` run the
     tensor-core path from ``tc_small_min_m`` (optional keys; block_m 32 from ``tc_block_m``): its decode-size kernels
-    (BN = 32, activations gathered in-kernel) beat the mma.sync kernel there (H200 v14, M = 17 / 24 /
-    32, 8 shapes: 0.945x the time; 8B gate_up 59.3 / 62.6 / 66.9 -> 54.9 / 55.5 / 56.2 us, but 70B
-    down 91.2 -> 96.0 at M = 17). Smaller layers were not measured and keep the mma.sync kernel.
+    (BN = 32, activations gathered in-kernel by a producer warp) beat the mma.sync kernel there (H200
+    v15, M = 17 / 32, 8 shapes: 0.872x the time, every shape faster; 8B gate_up 59.6 / 67.3 -> 49.2 /
+    50.5 us, 70B down 92.0 / 98.8 -> 85.2 / 87.3). Smaller layers were not measured and keep the
+    mma.sync kernel.
     """
     if dtype == torch.float32:
         return "dense"

@@ -204,6 +204,8 @@ template <int BN> constexpr bool wgmma_tma_x() { return FLUTE_WG_TMA_X && !wgmma
 template <int BN> __device__ __forceinline__ int wgmma_x_row_stride(int K) {
   return wgmma_gathers_x<BN>() ? K : (K + 63) & ~63;
 }
+// The stage offset of piece c of activation row r (128-byte rows, 128-byte swizzle).
+__device__ __forceinline__ uint32_t wgmma_x_slot(int r, int c) { return (uint32_t)(r * 128 + ((c ^ (r & 7)) << 4)); }
 // The first element (in X's row, from the chunk start) of piece c.
 template <int BN> __device__ __forceinline__ int wgmma_x_piece_k(int c) {
   return wgmma_gathers_x<BN>() ? 2 * ((c & 3) + 16 * (c >> 2)) : 8 * c;
@@ -245,7 +247,7 @@ struct WgmmaProducer {
     x_next = x_first + (size_t)first * stride + (cb << 6);
 #pragma unroll
     for (int j = 0; j < XJ; ++j) x_off[j] = (uint32_t)(min(m0 + row0 + 4 * j, p.M - 1) - first) * (uint32_t)stride;
-    x_dst0 = (uint32_t)(row0 * 128 + ((piece ^ row0) << 4));
+    x_dst0 = wgmma_x_slot(row0, piece);
     xk_next = (cb << 6) + 32 * (piece >> 2);
     const uint32_t* wbase = p.qweight + (size_t)min(tile0, ntiles - 1) * nch * CW + (size_t)cb * CW;
     w_next = wbase;
@@ -334,7 +336,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   const int x_row0 = tid >> 3;  // + 32 j
   constexpr int XJ = BN >= 32 ? BN / 32 : 1;  // rows x_row0 + 32 j this thread copies
   const bool x_copies = BN >= 32 || x_row0 < BN;  // BN < 32: threads of rows >= BN copy no activations
-  const uint32_t x_dst0 = (uint32_t)(x_row0 * 128 + ((x_piece ^ (x_row0 & 7)) << 4));
+  const uint32_t x_dst0 = wgmma_x_slot(x_row0, x_piece);
   const T* x = reinterpret_cast<const T*>(p.x) + wgmma_x_piece_k<BN>(x_piece);
   // Weights: warp copies its own tile's chunk (BITS words per lane); scales: lanes < 16 copy two
   // scales of half h = lane >> 3 (k-steps 0-1 / 2-3 may lie in different groups only when G == 32).
@@ -368,7 +370,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
 #if FLUTE_WG_TMA_X
     if constexpr (TMA_X) {
       if (tid == 0) {
-        mbar_arrive_expect_tx(full0 + 8 * st, BN * 128);
+        mbar_arrive_expect_tx(full0 + 8 * st, Smem::kX);
         tma_load_2d(sbase + st * Smem::kStage, &tmap_x, x_col_next, m0, full0 + 8 * st);
       }
       x_col_next += 64;
