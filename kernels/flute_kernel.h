@@ -106,9 +106,11 @@ constexpr int kWgmmaRowsPerCta = 128;
 #endif
 constexpr int kWgmmaGatherMaxRows = FLUTE_WG_GATHER_MAX_ROWS;
 inline int wgmma_grid_x(int N) { return (N + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta; }
-cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream);
-// True when the device is sm_90 and the extension holds sm_90a code (probed once, synchronously:
-// call it outside CUDA-graph capture).
+// On failure *failed_step names the step (parameters, shared-memory attribute, the activations'
+// TMA descriptor, launch) for the caller's error message.
+cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream, const char** failed_step);
+// True when the device is sm_90, the extension holds sm_90a code and the driver encodes TMA
+// descriptors (probed once, synchronously: call it outside CUDA-graph capture).
 bool wgmma_supported();
 
 // Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype, warps, x_ahead); 0 on error.

@@ -8,23 +8,22 @@
 // the activations its B operand (N side). A wgmma A fragment held in registers has, per warp, the
 // layout of an mma.m16n8k16 A fragment, so the decode of flute_device.cuh (written for the
 // mma.sync kernel, same kernel weight layout) produces it unchanged. Each CTA = 2 warpgroups =
-// 8 warps = 128 weight rows (warp w owns 16-row tile w; FLUTE_WG_TWO_TILES_BNS: 4 warps, tiles w and
-// w + 4) x BN activation rows.
+// 8 warps = 128 weight rows (warp w owns 16-row tile w) x BN activation rows.
 //
 // Activations: the kernel layout permutes K inside each 64-wide chunk (so that the mma.sync
 // kernel reads contiguous fragments); the B tile in shared memory must hold the activations in
-// that same order. cuda_op permutes X once per call (a copy of M x K, small next to the GEMM), and
-// the kernel streams it with 16-byte cp.async into wgmma's K-major 128-byte-swizzled layout,
-// together with the packed weights and group scales, through one per-CTA ring synchronised by
-// full/empty mbarriers (no CTA-wide barrier per chunk).
+// that same order. At BN >= 64 cuda_op permutes X once per call (a copy of M x K, small next to the
+// GEMM) and one thread loads each chunk's X tile with a TMA copy into wgmma's K-major
+// 128-byte-swizzled layout; at BN <= 32 a producer warp gathers it from X with 4-byte cp.asyncs.
+// Packed weights and group scales go with it through one per-CTA ring synchronised by full/empty
+// mbarriers (no CTA-wide barrier per chunk).
 // Scales are applied to the decoded 16-bit weights (one HMUL2 per register), as in Marlin /
 // Machete; accumulation is fp32. Split-K partials are reduced by the last CTA (deterministic).
 #include <type_traits>
 
-#include "flute_kernel.h"
-#if FLUTE_WG_TMA_X
 #include <cuda.h>  // CUtensorMap (the map itself is encoded through the runtime's driver entry point)
-#endif
+
+#include "flute_kernel.h"
 #include "flute_device.cuh"
 #include "flute_dispatch.h"
 
@@ -61,26 +60,7 @@ template <int BITS, int BN> struct WgmmaStages {
 #define FLUTE_WG_PRODUCER_BNS (8 | 16 | 32)
 #endif
 template <int BN> constexpr bool wgmma_producer() { return (FLUTE_WG_PRODUCER_BNS & BN) != 0; }
-// Experiment (FLUTE_WG_TWO_TILES_BNS, a bit mask of BN like the producer's; default none; needs the
-// producer warp): one consumer warpgroup whose warps each own two of the CTA's tiles (w and w + 4,
-// i.e. both m64 halves), decode both per chunk and issue both halves' wgmmas as one group. Same
-// CTA shape and grid; half the consumer warps, each with twice the independent decode chains, and
-// the per-chunk barrier / fence / descriptor / release work shared by two tiles.
-#ifndef FLUTE_WG_TWO_TILES_BNS
-#define FLUTE_WG_TWO_TILES_BNS 0
-#endif
-// Experiment (FLUTE_WG_TMA_X=1, off): at BN >= 64 (X pre-permuted, [M, Kp]) one thread loads a
-// chunk's activation tile with one TMA copy (2-D tensor map, 128-byte swizzle: exactly the layout
-// the per-thread 16-byte copies build; rows past M zero-filled) instead of BN / 32 cp.asyncs and
-// their address math per thread; its `full` barrier then also waits for the TMA's bytes. The X tile
-// is written by the async proxy, so the consumers' proxy fence goes too. The kernel takes the map as
-// a second, __grid_constant__ parameter (hence a preprocessor knob).
-#ifndef FLUTE_WG_TMA_X
-#define FLUTE_WG_TMA_X 0
-#endif
-template <int BN> constexpr int wgmma_tiles_per_warp() { return (FLUTE_WG_TWO_TILES_BNS & BN) ? 2 : 1; }
-template <int BN> constexpr int wgmma_consumer_warps() { return kWgmmaTiles / wgmma_tiles_per_warp<BN>(); }
-template <int BN> constexpr int wgmma_threads() { return (wgmma_consumer_warps<BN>() + (wgmma_producer<BN>() ? 1 : 0)) * 32; }
+template <int BN> constexpr int wgmma_threads() { return (kWgmmaTiles + (wgmma_producer<BN>() ? 1 : 0)) * 32; }
 // Resident CTAs per SM (__launch_bounds__ and ring depth; cuda_op.plan_tc's wave model mirrors it).
 // 3 at BN <= 32 (80 registers) measured no faster than 2 (v14 A/B: 0.998x at BN = 16, BN = 32 spills).
 template <int BN> constexpr int wgmma_min_blocks() { return BN == 256 ? 1 : 2; }
@@ -159,7 +139,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "@p bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
 
-#if FLUTE_WG_TMA_X
 // One arrival on `bar` that also expects `bytes` of asynchronous (TMA) writes before the phase completes.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
@@ -172,7 +151,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* tmap, int 
       "l"(tmap), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
-#endif
 #endif  // FLUTE_HAS_WGMMA
 
 template <int BITS, int BN, typename T>
@@ -200,7 +178,12 @@ struct WgmmaSmem {
 // (see permute_activations), so piece c = 4 b4 + 2 b1 + b0 is 4 pairs 16 bytes apart, zero-filled
 // past K (K % 64 == 32: b4 = 1 of the last chunk).
 template <int BN> constexpr bool wgmma_gathers_x() { return BN <= kWgmmaGatherMaxRows; }
-template <int BN> constexpr bool wgmma_tma_x() { return FLUTE_WG_TMA_X && !wgmma_gathers_x<BN>() && !wgmma_producer<BN>(); }
+// BN > kWgmmaGatherMaxRows without the producer warp: one thread loads each chunk's X tile with one
+// TMA copy (2-D tensor map over the permuted X, 128-byte swizzle: the layout wgmma reads; rows past M
+// zero-filled) instead of BN / 32 16-byte cp.asyncs and their address math in every thread; the
+// stage's `full` barrier also waits for the TMA's bytes. v16 A/B on H200 (8 shapes, M = 64-1024,
+// fp16 W4 g128): 0.920x the time (8B gate_up M = 64 60.3 -> 53.0 us, 70B gate_up M = 1024 1852 -> 1715).
+template <int BN> constexpr bool wgmma_tma_x() { return !wgmma_gathers_x<BN>() && !wgmma_producer<BN>(); }
 template <int BN> __device__ __forceinline__ int wgmma_x_row_stride(int K) {
   return wgmma_gathers_x<BN>() ? K : (K + 63) & ~63;
 }
@@ -291,11 +274,8 @@ struct WgmmaProducer {
 // Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
 // (BN <= 32 need 94-96, no spill; BN = 64 would spill, and `__maxnreg__` 112 lost there, v15).
 template <int BITS, int BN, typename T>
-__global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(const GemmParams p
-#if FLUTE_WG_TMA_X
-                                                                                                , const __grid_constant__ CUtensorMap tmap_x
-#endif
-) {
+__global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(
+    const GemmParams p, const __grid_constant__ CUtensorMap tmap_x) {  // (tmap_x: read only where wgmma_tma_x<BN>())
 #if FLUTE_HAS_WGMMA
   using Smem = WgmmaSmem<BITS, BN, T>;
   constexpr int NACC = BN / 2;
@@ -310,20 +290,10 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   const int ngroups = p.K / p.group_size;
   const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
   constexpr bool PRODUCER = wgmma_producer<BN>();
-  constexpr int WT = wgmma_tiles_per_warp<BN>();  // tiles per consumer warp
-  constexpr int CWARPS = wgmma_consumer_warps<BN>();
-  static_assert(WT == 1 || PRODUCER, "two tiles per warp need the producer warp (the per-thread refill copies one tile)");
-  const bool is_producer = PRODUCER && warp == CWARPS;  // the copying warp (wgmma_producer)
-  // Tile u of this warp: CTA tile warp + CWARPS u (WT = 2: one per m64 half of the CTA).
-  int tiles[WT];
-  bool tiles_ok[WT];
-#pragma unroll
-  for (int u = 0; u < WT; ++u) {
-    const int tile_raw = blockIdx.x * kWgmmaTiles + warp + CWARPS * u;
-    tiles_ok[u] = tile_raw < ntiles && !is_producer;
-    tiles[u] = min(tile_raw, ntiles - 1);
-  }
-  const int tile = tiles[0];
+  const bool is_producer = PRODUCER && warp == kWgmmaTiles;  // the copying warp (wgmma_producer)
+  const int tile_raw = blockIdx.x * kWgmmaTiles + warp;
+  const bool tile_ok = tile_raw < ntiles && !is_producer;
+  const int tile = min(tile_raw, ntiles - 1);
   const int m0 = blockIdx.y * BN;
   const int split = blockIdx.z;
   const int cb = split * p.chunks_per_split;
@@ -367,16 +337,13 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   int x_col_next = cb << 6;  // TMA_X: the next chunk's first column of X (permuted, [M, Kp])
   auto issue = [&](int st) {
     const uint32_t xd = sbase + st * Smem::kStage + x_dst0;
-#if FLUTE_WG_TMA_X
     if constexpr (TMA_X) {
       if (tid == 0) {
         mbar_arrive_expect_tx(full0 + 8 * st, Smem::kX);
         tma_load_2d(sbase + st * Smem::kStage, &tmap_x, x_col_next, m0, full0 + 8 * st);
       }
       x_col_next += 64;
-    } else
-#endif
-    if constexpr (kGatherX) {
+    } else if constexpr (kGatherX) {  // (else the producer warp copies X; this refill is not used)
       if (x_copies) {
         const bool in_k = xk_next < p.K;
 #pragma unroll
@@ -387,11 +354,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
         }
       }
       xk_next += 64;
-    } else {
-#pragma unroll
-      for (int j = 0; j < XJ; ++j) cp_async16_s(xd + j * 4096, x_next + x_off[j]);
+      x_next += 64;
     }
-    x_next += 64;
     const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
     if constexpr (BITS == 4) {
       cp_async16_s(wd + 16 * lane, w_next);
@@ -408,18 +372,16 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     k_next += 64;
   };
 
-  ByteTable tb[WT];
-#pragma unroll
-  for (int u = 0; u < WT; ++u) {
-    const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tiles[u] * kTableWords);
+  ByteTable tb;
+  {
+    const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tile * kTableWords);
     const uint4 l = __ldg(tp), h = __ldg(tp + 1);
-    tb[u].lo[0] = l.x; tb[u].lo[1] = l.y; tb[u].lo[2] = l.z; tb[u].lo[3] = l.w;
-    tb[u].hi[0] = h.x; tb[u].hi[1] = h.y; tb[u].hi[2] = h.z; tb[u].hi[3] = h.w;
+    tb.lo[0] = l.x; tb.lo[1] = l.y; tb.lo[2] = l.z; tb.lo[3] = l.w;
+    tb.hi[0] = h.x; tb.hi[1] = h.y; tb.hi[2] = h.z; tb.hi[3] = h.w;
   }
 
-  float acc[WT][NACC];
-#pragma unroll
-  for (int u = 0; u < WT; ++u) zero_fill(acc[u]);
+  float acc[NACC];
+  zero_fill(acc);
 
   constexpr int STAGES = Smem::kStages;
   constexpr int PD = STAGES - 2;  // prefetch distance (see the ring argument below)
@@ -429,8 +391,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   // consumer warp finished with the stage).
   if (tid == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, PRODUCER ? 32 : CWARPS * 32 + (TMA_X ? 1 : 0));  // (+ the TMA's expect-tx arrival)
-      mbar_init(empty0 + 8 * s, CWARPS);
+      mbar_init(full0 + 8 * s, PRODUCER ? 32 : kWgmmaTiles * 32 + (TMA_X ? 1 : 0));  // (+ the TMA's expect-tx arrival)
+      mbar_init(empty0 + 8 * s, kWgmmaTiles);
     }
   }
   __syncthreads();  // barriers initialised before anyone arrives
@@ -459,7 +421,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   // 4-bit: the pair table of the CTA's first tile, built while the prologue's copies fly; a warp
   // whose tile has another table (a fused-shard boundary inside the CTA) decodes with byte
   // permutes instead.
-  bool use_pair[WT];  // (read only by 4-bit kernels, which set it below)
+  bool use_pair = false;
   using Pair = typename Smem::Pair;
   const uint32_t pair_lane = sbase + STAGES * Smem::kStage + Pair::lane_offset(lane);
   if constexpr (BITS == 4) {
@@ -467,10 +429,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     const uint32_t* tp0 = p.tables + (size_t)cta_tile0 * kTableWords;
     build_pair_table<Pair::kCopies>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
     const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp0)), h = __ldg(reinterpret_cast<const uint4*>(tp0) + 1);
-#pragma unroll
-    for (int u = 0; u < WT; ++u)
-      use_pair[u] = l.x == tb[u].lo[0] && l.y == tb[u].lo[1] && l.z == tb[u].lo[2] && l.w == tb[u].lo[3] &&
-                    h.x == tb[u].hi[0] && h.y == tb[u].hi[1] && h.z == tb[u].hi[2] && h.w == tb[u].hi[3];
+    use_pair = l.x == tb.lo[0] && l.y == tb.lo[1] && l.z == tb.lo[2] && l.w == tb.lo[3] &&
+               h.x == tb.hi[0] && h.y == tb.hi[1] && h.z == tb.hi[2] && h.w == tb.hi[3];
     __syncthreads();  // the pair table is complete before any lookup
   }
 
@@ -485,7 +445,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   int rel = 0;                            // stage of the previous chunk (to release)
   const uint64_t desc0 = smem_desc_sw128(sbase);  // the first ring stage's X tile
   const uint32_t desc0_lo = (uint32_t)desc0, desc0_hi = (uint32_t)(desc0 >> 32);
-  auto chunk = [&](int cc, uint32_t (&a)[WT][4][4]) {
+  auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
     if constexpr (!PRODUCER) {
       if (cc + PD < ce) {
         mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's last chunk
@@ -499,48 +459,44 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     // tile was written by the async proxy already).
     if constexpr (!TMA_X) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     const uint8_t* sg = sgen + st * Smem::kStage;
-#pragma unroll
-    for (int u = 0; u < WT; ++u) {
-      const int lt = warp + CWARPS * u;  // the tile's slot in the stage
-      Frag<BITS> f;
-      {
-        const uint32_t* sw = reinterpret_cast<const uint32_t*>(sg + Smem::kX) + lt * CW;
-        if constexpr (BITS == 4) {
-          const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
-          f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
-        } else {
-          const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
-          f.w[0] = v.x; f.w[1] = v.y;
-          if constexpr (BITS == 3) f.w[2] = sw[64 + lane];
-        }
-      }
-      const T* ssc = reinterpret_cast<const T*>(sg + Smem::kX + Smem::kW) + lt * 32;
-      uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
-        const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
-        s2[h][0] = (uint32_t)lo * 0x10001u;
-        s2[h][1] = (uint32_t)hi * 0x10001u;
-      }
-      if (BITS == 4 && use_pair[u]) {
-        decode_pair<0, Pair::kCopies>(f.w[0], pair_lane, a[u][0]);
-        decode_pair<1, Pair::kCopies>(f.w[1 & (BITS - 1)], pair_lane, a[u][1]);
-        decode_pair<2, Pair::kCopies>(f.w[2 & (BITS - 1)], pair_lane, a[u][2]);
-        decode_pair<3, Pair::kCopies>(f.w[3 & (BITS - 1)], pair_lane, a[u][3]);
+    Frag<BITS> f;
+    {
+      const uint32_t* sw = reinterpret_cast<const uint32_t*>(sg + Smem::kX) + warp * CW;
+      if constexpr (BITS == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
+        f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
       } else {
-        decode<BITS, 0>(f, tb[u], a[u][0]);
-        decode<BITS, 1>(f, tb[u], a[u][1]);
-        decode<BITS, 2>(f, tb[u], a[u][2]);
-        decode<BITS, 3>(f, tb[u], a[u][3]);
+        const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
+        f.w[0] = v.x; f.w[1] = v.y;
+        if constexpr (BITS == 3) f.w[2] = sw[64 + lane];
       }
+    }
+    const T* ssc = reinterpret_cast<const T*>(sg + Smem::kX + Smem::kW) + warp * 32;
+    uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        a[u][s][0] = mul2<T>(a[u][s][0], s2[s >> 1][0]);
-        a[u][s][1] = mul2<T>(a[u][s][1], s2[s >> 1][1]);
-        a[u][s][2] = mul2<T>(a[u][s][2], s2[s >> 1][0]);
-        a[u][s][3] = mul2<T>(a[u][s][3], s2[s >> 1][1]);
-      }
+    for (int h = 0; h < 2; ++h) {
+      const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
+      const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
+      s2[h][0] = (uint32_t)lo * 0x10001u;
+      s2[h][1] = (uint32_t)hi * 0x10001u;
+    }
+    if (BITS == 4 && use_pair) {
+      decode_pair<0, Pair::kCopies>(f.w[0], pair_lane, a[0]);
+      decode_pair<1, Pair::kCopies>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
+      decode_pair<2, Pair::kCopies>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
+      decode_pair<3, Pair::kCopies>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
+    } else {
+      decode<BITS, 0>(f, tb, a[0]);
+      decode<BITS, 1>(f, tb, a[1]);
+      decode<BITS, 2>(f, tb, a[2]);
+      decode<BITS, 3>(f, tb, a[3]);
+    }
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      a[s][0] = mul2<T>(a[s][0], s2[s >> 1][0]);
+      a[s][1] = mul2<T>(a[s][1], s2[s >> 1][1]);
+      a[s][2] = mul2<T>(a[s][2], s2[s >> 1][0]);
+      a[s][3] = mul2<T>(a[s][3], s2[s >> 1][1]);
     }
     uint64_t desc[4];
 #pragma unroll
@@ -551,15 +507,11 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
       desc[s] = ((uint64_t)desc0_hi << 32) | (desc0_lo + (uint32_t)st * (Smem::kStage >> 4) + 2u * s);
       // Materialise every wgmma input before the fence: an input defined between the wgmmas of
       // one group makes ptxas serialise them (C7513).
-#pragma unroll
-      for (int u = 0; u < WT; ++u)
-        asm volatile("" : "+l"(desc[s]), "+r"(a[u][s][0]), "+r"(a[u][s][1]), "+r"(a[u][s][2]), "+r"(a[u][s][3])::"memory");
+      asm volatile("" : "+l"(desc[s]), "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
     }
     wgmma_fence();
 #pragma unroll
-    for (int u = 0; u < WT; ++u)
-#pragma unroll
-      for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc[u], a[u][s], desc[s]);
+    for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc, a[s], desc[s]);
     wgmma_commit();
     wgmma_wait<1>();  // chunk cc - 1's group is done: its registers and ring stage are free
     if (cc > cb) {
@@ -580,7 +532,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     }
   } else
   {
-    uint32_t a0[WT][4][4], a1[WT][4][4];
+    uint32_t a0[4][4], a1[4][4];
     // (The odd tail stays outside the loop: every path then alternates a0 / a1, which is what lets
     // ptxas keep the decode of one chunk overlapped with the wgmmas of the previous one.)
     int cc = cb;
@@ -591,29 +543,23 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     if (cc < ce) chunk(cc, a0);
     wgmma_wait<0>();
 #pragma unroll
-    for (int u = 0; u < WT; ++u)
-#pragma unroll
-      for (int i = 0; i < NACC; ++i) pin(acc[u][i]);
+    for (int i = 0; i < NACC; ++i) pin(acc[i]);
   }
   cp_async_wait<0>();
 
   // Epilogue. acc[4j + q]: weight row n = tile*16 + g + 8*(q>>1), activation row m = m0 + 8j + 2t + (q&1).
   const int t = lane & 3;
+  const int n_lo = tile * 16 + g;
   // for_each_out(put): put(m, n, v) for every valid output element of this warp.
   auto for_each_out = [&](auto&& put) {
+    if (!tile_ok) return;
 #pragma unroll
-    for (int u = 0; u < WT; ++u) {
-      const int n_lo = tiles[u] * 16 + g;
-      if (tiles_ok[u]) {
+    for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int m = m0 + 8 * j + 2 * t + (q & 1);
-            if (m < p.M) put(m, n_lo + 8 * (q >> 1), acc[u][4 * j + q]);
-          }
+      for (int q = 0; q < 4; ++q) {
+        const int m = m0 + 8 * j + 2 * t + (q & 1);
+        if (m < p.M) put(m, n_lo + 8 * (q >> 1), acc[4 * j + q]);
       }
-    }
   };
   T* out = reinterpret_cast<T*>(p.out);
   if (p.splits == 1) {
@@ -659,22 +605,28 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
 
 __global__ void wgmma_probe_kernel(int* out) { *out = FLUTE_HAS_WGMMA; }
 
-#if FLUTE_WG_TMA_X
+// The driver's cuTensorMapEncodeTiled, through the runtime's driver entry point (no libcuda link);
+// null if the driver lacks it (then wgmma_supported() is false).
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiled tensor_map_encoder() {
+  static const EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+    cudaGetLastError();
+    return e == cudaSuccess && q == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(f) : nullptr;
+  }();
+  return fn;
+}
+
 // The 2-D tensor map of the permuted activations [M, Kp] (16-bit elements): box 64 x BN rows, 128-byte
 // swizzle, rows past M read as zeros. Encoded on the host per launch (no device work, so CUDA-graph
-// capture is fine) through the runtime's driver entry point (no libcuda link).
-inline cudaError_t encode_x_map(CUtensorMap* map, const GemmParams& p, int box_rows) {
-  using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*, const cuuint64_t*,
-                              const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                              CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-  static Encode encode = nullptr;
-  if (encode == nullptr) {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult q;
-    const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q);
-    if (e != cudaSuccess || q != cudaDriverEntryPointSuccess || fn == nullptr) return cudaErrorNotSupported;
-    encode = reinterpret_cast<Encode>(fn);
-  }
+// capture is fine).
+inline bool encode_x_map(CUtensorMap* map, const GemmParams& p, int box_rows) {
+  const EncodeTiled encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
   const cuuint64_t kp = (cuuint64_t)((p.K + 63) & ~63);
   const cuuint64_t dims[2] = {kp, (cuuint64_t)p.M};
   const cuuint64_t strides[1] = {kp * 2};  // bytes between rows
@@ -683,35 +635,34 @@ inline cudaError_t encode_x_map(CUtensorMap* map, const GemmParams& p, int box_r
   const CUresult r = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, const_cast<void*>(p.x), dims, strides, box, estrides,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return r == CUDA_SUCCESS;
 }
-#endif
 
 template <int BITS, int BN, typename T>
-cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream, const char** failed_step) {
   constexpr int bytes = WgmmaSmem<BITS, BN, T>::kBytes;
   static const cudaError_t attr =
       cudaFuncSetAttribute(lut_wgmma_kernel<BITS, BN, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (attr != cudaSuccess) return attr;
+  if (attr != cudaSuccess) {
+    *failed_step = "cudaFuncSetAttribute (dynamic shared memory size)";
+    return attr;
+  }
   dim3 grid(wgmma_grid_x(p.N), (p.M + BN - 1) / BN, p.splits);
-#if FLUTE_WG_TMA_X
-  CUtensorMap map{};  // (a map is needed only by the TMA_X kernels; the others ignore it)
-  if constexpr (wgmma_tma_x<BN>()) {
-    const cudaError_t e = encode_x_map(&map, p, BN);
-    if (e != cudaSuccess) return e;
+  CUtensorMap map{};  // (a map is needed only by the TMA kernels; the others ignore it)
+  if (wgmma_tma_x<BN>() && !encode_x_map(&map, p, BN)) {
+    *failed_step = "the activations' TMA descriptor (cuTensorMapEncodeTiled; x_perm must be 16-byte aligned)";
+    return cudaErrorInvalidValue;
   }
   lut_wgmma_kernel<BITS, BN, T><<<grid, wgmma_threads<BN>(), bytes, stream>>>(p, map);
-#else
-  lut_wgmma_kernel<BITS, BN, T><<<grid, wgmma_threads<BN>(), bytes, stream>>>(p);
-#endif
+  *failed_step = "the kernel launch";
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_wgmma_typed(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch_wgmma_typed(const GemmParams& p, cudaStream_t stream, const char** failed_step) {
   return with_int<2, 3, 4>(p.bits, cudaErrorInvalidValue, [&](auto b) {
     return with_int<8, 16, 32, 64, 128, 256>(p.m_tiles * 8, cudaErrorInvalidValue, [&](auto bn) {
-      return launch_wgmma_t<decltype(b)::value, decltype(bn)::value, T>(p, stream);
+      return launch_wgmma_t<decltype(b)::value, decltype(bn)::value, T>(p, stream, failed_step);
     });
   });
 }
@@ -725,7 +676,8 @@ bool wgmma_supported() {
   if (cached[dev] == 0) {
     bool ok = false;
     int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9) {
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9 &&
+        tensor_map_encoder() != nullptr) {
       int* d = nullptr;
       int h = 0;
       if (cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
@@ -740,12 +692,13 @@ bool wgmma_supported() {
   return cached[dev] == 1;
 }
 
-cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream) {
+cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream, const char** failed_step) {
+  *failed_step = "the parameters (bits, block_m, dtype, N % 16, K % 32, splits)";
   if (p.M <= 0 || p.N <= 0) return cudaSuccess;
   if (p.N % 16 || p.K % 32 || p.splits < 1 || p.chunks_per_split < 1) return cudaErrorInvalidValue;
   switch (p.dtype) {
-    case DType::kF16: return launch_wgmma_typed<half>(p, stream);
-    case DType::kBF16: return launch_wgmma_typed<__nv_bfloat16>(p, stream);
+    case DType::kF16: return launch_wgmma_typed<half>(p, stream, failed_step);
+    case DType::kBF16: return launch_wgmma_typed<__nv_bfloat16>(p, stream, failed_step);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -100,12 +100,14 @@ void gemm_wgmma(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qwe
   }
   TORCH_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 64 || block_m == 128 || block_m == 256,
               "flute: block_m must be 8, 16, 32, 64, 128 or 256");
-  TORCH_CHECK(flute::wgmma_supported(), "flute: the tensor-core path needs an sm_90 GPU and an sm_90a build");
+  TORCH_CHECK(flute::wgmma_supported(),
+              "flute: the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
   const flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits,
                                           group_size, splits, chunks_per_split, block_m / 8, splits * M * N,
                                           flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m));
-  const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm launch failed: ", cudaGetErrorString(err));
+  const char* step = "";
+  const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream(), &step);
+  TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
 }
 
 bool wgmma_supported(int64_t device_index) {
