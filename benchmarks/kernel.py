@@ -258,6 +258,28 @@ def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16
         torch.cuda.empty_cache()
 
 
+def tune_tc(names, ms=(256, 512), block_ms=(64, 128, 256), splits=(1, 2, 3, 4), dtype=torch.float16, bits=4, g=128):
+    """Print the tensor-core path's time per (block_m, split-K) and the heuristic's plan, to
+    calibrate ``tc_block_m`` / ``tc_overhead_chunks`` in configs/*.json."""
+    cfg = cuda_op.device_config(0)
+    for name in names:
+        n, k = SHAPES[name]
+        layer = Layer(n, k, bits, g, dtype)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            auto = cuda_op.plan_tc(m, n, k, cfg)
+            cells = []
+            for bm in block_ms:
+                for sp in splits + (None,):
+                    us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="tc",
+                                                              block_m=bm, splits=sp)
+                                     for c in layer.copies], 50)
+                    cells.append(f"bm{bm}/{'auto=' + str(cuda_op.plan_tc(m, n, k, cfg, block_m=bm)['splits']) if sp is None else sp}:{us:.1f}")
+            print(f"tune_tc {name:15s} M={m:<4d} plan=bm{auto['block_m']}/s{auto['splits']} " + " ".join(cells), flush=True)
+        del layer
+        torch.cuda.empty_cache()
+
+
 def plan_jobs(plan):
     """(dtype, bits, g, Ms, kernels) per job of a plan."""
     w4 = ("cublas", "humming", "flute") if plan in ("full", "core") else ("cublas", "flute")
@@ -299,9 +321,15 @@ def main(argv=None):
                     help="keep the records of <out>/<gpu>.json and run only the (job, shape) pairs it lacks")
     ap.add_argument("--tune", default="", help="comma-separated shapes: split-K sweep only")
     ap.add_argument("--tune-ms", default="1,16,64", help="M values for --tune")
+    ap.add_argument("--tune-tc", default="", help="comma-separated shapes: tensor-core block_m x split-K sweep "
+                    "at --tune-tc-ms")
+    ap.add_argument("--tune-tc-ms", default="256,512", help="M values for --tune-tc")
     args = ap.parse_args(argv)
     if args.tune:
         tune([t for t in args.tune.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")))
+        return
+    if args.tune_tc:
+        tune_tc([t for t in args.tune_tc.split(",") if t], ms=tuple(int(m) for m in args.tune_tc_ms.split(",")))
         return
     plan = "quick" if args.quick else args.plan
     gpu = gpu_name()

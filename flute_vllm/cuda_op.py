@@ -455,11 +455,24 @@ def permute_activations(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(m, kp // CHUNK_K, 2, 4, 2, 2, 2).permute(0, 1, 2, 4, 5, 3, 6).reshape(m, kp)
 
 
+def tc_overhead_chunks(cfg: dict, block_m: int) -> float:
+    """The split-K wave model's per-CTA overhead (prologue, partials, reduction) of the tensor-core
+    path, in K chunks: ``cfg["tc_overhead_chunks"]``, a number or ``[max_block_m, chunks]`` entries
+    (the first with block_m <= max_block_m). A CTA's fp32 partials grow with block_m, so splitting
+    pays less at large block_m (H200 v16, M = 256, block_m 256, 8B gate_up: 1 split 127 us, 4 splits
+    210; the old overhead of 2 chunks chose 4)."""
+    v = cfg.get("tc_overhead_chunks", 2.0)
+    if isinstance(v, (int, float)):
+        return float(v)
+    return float(next(c for lim, c in v if block_m <= lim))
+
+
 def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, splits: Optional[int] = None) -> dict:
     """Launch plan of the tensor-core path: activation rows per CTA (8-256) and split-K.
 
     block_m: the first ``[max_m, block_m]`` entry of ``cfg["tc_block_m"]`` with M <= max_m. Split-K
-    minimises the same wave model as :func:`plan` (2 resident CTAs per SM for block_m 8-128, 1 for 256).
+    minimises the same wave model as :func:`plan` (2 resident CTAs per SM for block_m 8-128, 1 for 256),
+    with the per-CTA overhead of :func:`tc_overhead_chunks`.
     """
     if block_m is None:
         block_m = next(b for lim, b in cfg["tc_block_m"] if m <= lim)
@@ -470,7 +483,7 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     nch = _padded_k(k) // CHUNK_K
     resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
     splits, cps = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
-                           float(cfg.get("tc_overhead_chunks", 2.0)), splits)
+                           tc_overhead_chunks(cfg, block_m), splits)
     return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y}
 
 
@@ -568,12 +581,11 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
 
     In the tensor-core M range, small layers (N * K <= ``tc_dense_max_nk``) go dense instead: their
     weights dequantize in a few microseconds and cuBLAS beats both LUT kernels on them (H200, M=64:
-    8B o 4096 x 4096 dense 21.3 us, wgmma 22.8 us, mma.sync 26.2 us). Layers with K >=
-    ``tc_long_k_min_k`` and N >= ``tc_long_k_min_n`` keep the tensor-core path up to
-    ``tc_long_k_max_m`` (optional keys): the wgmma kernel's fixed costs amortise over a long K and
-    many CTAs, so it beats dequantize + cuBLAS there at larger M (H200, M=256: 70B gate_up 540 vs
-    653 us, 70B down 253 vs 340 us; but 8B gate_up, K=4096, 224 vs 169 us and 70B qkv/tp2,
-    N=5120, 73 vs 66 us).
+    8B o 4096 x 4096 dense 21.3 us, wgmma 22.8 us, mma.sync 26.2 us). Layers with N * K >=
+    ``tc_large_min_nk`` keep the tensor-core path up to ``tc_large_max_m`` (optional keys): the
+    wgmma kernel's dequantize-free decode beats dequantize + cuBLAS on large layers at larger M
+    (H200 v16, M = 256: 8B gate_up 127 vs 174 us, 8B down 82 vs 89, 70B gate_up 466 vs 680, 70B
+    down 225 vs 342; but 8B qkv 46 vs 39 and 8B o 33 vs 27).
 
     Below ``tc_min_m``, up to M = ``TC_SMALL_MAX_M``, layers with N * K >= ``tc_small_min_nk`` run the
     tensor-core path from ``tc_small_min_m`` (optional keys; block_m 32 from ``tc_block_m``): its decode-size kernels
@@ -591,8 +603,8 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
             and tc_available(device_index)):
         return "tc"
     tc_max_m = cfg["tc_max_m"]
-    if known and k >= cfg.get("tc_long_k_min_k", float("inf")) and n >= cfg.get("tc_long_k_min_n", 0):
-        tc_max_m = max(tc_max_m, cfg["tc_long_k_max_m"])
+    if known and cfg.get("tc_large_min_nk") is not None and n * k >= cfg["tc_large_min_nk"]:
+        tc_max_m = max(tc_max_m, cfg["tc_large_max_m"])
     if cfg["tc_min_m"] <= m <= tc_max_m and tc_available(device_index):
         return "dense" if known and n * k <= cfg.get("tc_dense_max_nk", 0) else "tc"
     return "dense" if m >= cfg["dequant_min_m"] else "lut"

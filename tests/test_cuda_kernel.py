@@ -536,6 +536,14 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
     big = cuda_op.plan_tc(8192, 28672, 4096, cfg)  # 224 x 32 CTAs: many waves already
     assert big["block_m"] == 256 and big["splits"] == 1
     assert cuda_op.plan_tc(100, 4096, 4096, cfg)["block_m"] == 128
+    # the overhead per block_m (H200 v16): M = 256 on 8B gate_up (224 CTAs, 1 per SM at block_m 256)
+    # is not split any more; 8B down (32 CTAs) still is, into one wave
+    assert cuda_op.plan_tc(256, 28672, 4096, cfg)["splits"] > 1  # a flat 2 chunks: 4 splits (slower)
+    per_bm = {**cfg, "tc_overhead_chunks": [[128, 2.0], [256, 16.0]]}
+    assert cuda_op.tc_overhead_chunks(per_bm, 64) == 2.0 and cuda_op.tc_overhead_chunks(per_bm, 256) == 16.0
+    assert cuda_op.plan_tc(256, 28672, 4096, per_bm)["splits"] == 1
+    assert cuda_op.plan_tc(256, 4096, 14336, per_bm)["splits"] == 4
+    assert cuda_op.plan_tc(64, 4096, 4096, per_bm) == small
     with pytest.raises(ValueError, match="block_m=96"):
         cuda_op.plan_tc(100, 4096, 4096, cfg, block_m=96)
 
