@@ -581,11 +581,13 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
 
     In the tensor-core M range, small layers (N * K <= ``tc_dense_max_nk``) go dense instead: their
     weights dequantize in a few microseconds and cuBLAS beats both LUT kernels on them (H200, M=64:
-    8B o 4096 x 4096 dense 21.3 us, wgmma 22.8 us, mma.sync 26.2 us). Layers with N * K >=
-    ``tc_large_min_nk`` keep the tensor-core path up to ``tc_large_max_m`` (optional keys): the
-    wgmma kernel's dequantize-free decode beats dequantize + cuBLAS on large layers at larger M
-    (H200 v16, M = 256: 8B gate_up 127 vs 174 us, 8B down 82 vs 89, 70B gate_up 466 vs 680, 70B
-    down 225 vs 342; but 8B qkv 46 vs 39 and 8B o 33 vs 27).
+    8B o 4096 x 4096 dense 21.3 us, wgmma 22.8 us, mma.sync 26.2 us). ``tc_large`` (optional):
+    ``[min_nk, max_m]`` entries; a layer with N * K >= min_nk keeps the tensor-core path up to M =
+    max_m (the largest such entry): the wgmma kernel needs no dequantized copy, and on large layers
+    that beats dequantize + cuBLAS at larger M (H200 v16 full plan, M = 256: every layer from 8B
+    down's N * K = 56 Mi on, e.g. 8B gate_up 113 vs 173 us, 70B down 223 vs 335, but 8B qkv 46 vs
+    40; M = 1024: from 112 Mi on, 8B gate_up 429 vs 434, 70B down 844 vs 952, 70B gate_up 1715 vs
+    1837, but 70B qkv 368 vs 308; M = 4096: no layer).
 
     Below ``tc_min_m``, up to M = ``TC_SMALL_MAX_M``, layers with N * K >= ``tc_small_min_nk`` run the
     tensor-core path from ``tc_small_min_m`` (optional keys; block_m 32 from ``tc_block_m``): its decode-size kernels
@@ -603,8 +605,8 @@ def choose_path(m: int, dtype: torch.dtype, cfg: dict, device_index: int, n: Opt
             and tc_available(device_index)):
         return "tc"
     tc_max_m = cfg["tc_max_m"]
-    if known and cfg.get("tc_large_min_nk") is not None and n * k >= cfg["tc_large_min_nk"]:
-        tc_max_m = max(tc_max_m, cfg["tc_large_max_m"])
+    if known:
+        tc_max_m = max([tc_max_m] + [max_m for min_nk, max_m in cfg.get("tc_large") or () if n * k >= min_nk])
     if cfg["tc_min_m"] <= m <= tc_max_m and tc_available(device_index):
         return "dense" if known and n * k <= cfg.get("tc_dense_max_nk", 0) else "tc"
     return "dense" if m >= cfg["dequant_min_m"] else "lut"

@@ -152,16 +152,19 @@ def test_choose_path_by_m_dtype_and_layer_size(monkeypatch):
     assert cuda_op.choose_path(64, f16, cfg, 0, 4096, 2048) == "dense"  # small layer: cuBLAS wins
     assert cuda_op.choose_path(256, f16, cfg, 0, 28672, 4096) == "dense"
     assert cuda_op.choose_path(4, cuda_op.torch.float32, cfg, 0, 64, 64) == "dense"
-    # large layers keep the wgmma path up to tc_large_max_m (when the config has the keys)
+    # large layers keep the wgmma path up to the max_m of their tc_large entries (when the config has the key)
     assert cuda_op.choose_path(256, f16, cfg, 0, 28672, 8192) == "dense"
-    large = {**cfg, "tc_large_min_nk": 4096 * 14336, "tc_large_max_m": 256}
-    assert cuda_op.choose_path(256, f16, large, 0, 28672, 8192) == "tc"
-    assert cuda_op.choose_path(256, f16, large, 0, 4096, 14336) == "tc"  # exactly the threshold
-    assert cuda_op.choose_path(257, f16, large, 0, 28672, 8192) == "dense"
+    large = {**cfg, "tc_large": [[4096 * 14336, 256], [4096 * 28672, 1024]]}
+    assert cuda_op.choose_path(256, f16, large, 0, 4096, 14336) == "tc"  # exactly the first threshold
+    assert cuda_op.choose_path(257, f16, large, 0, 4096, 14336) == "dense"
+    assert cuda_op.choose_path(1024, f16, large, 0, 28672, 4096) == "tc"  # exactly the second
+    assert cuda_op.choose_path(1024, f16, large, 0, 28672, 8192) == "tc"
+    assert cuda_op.choose_path(1025, f16, large, 0, 28672, 8192) == "dense"
+    assert cuda_op.choose_path(512, f16, large, 0, 10240, 8192) == "dense"  # 80 Mi: the first entry only
     assert cuda_op.choose_path(256, f16, large, 0, 6144, 4096) == "dense"  # smaller layer
     assert cuda_op.choose_path(256, f16, large, 0, None, None) == "dense"  # shape unknown
     assert cuda_op.choose_path(16, f16, large, 0, 28672, 8192) == "lut"
-    assert cuda_op.choose_path(256, f16, {**large, "tc_large_min_nk": None}, 0, 28672, 8192) == "dense"
+    assert cuda_op.choose_path(256, f16, {**large, "tc_large": None}, 0, 28672, 8192) == "dense"
     # decode sizes below tc_min_m: the wgmma kernel from tc_small_min_m for layers >= tc_small_min_nk
     small = {**cfg, "tc_small_min_m": 17, "tc_small_min_nk": 4096 * 4096}
     assert cuda_op.choose_path(17, f16, small, 0, 4096, 4096) == "tc"  # the dense rule starts at tc_min_m
