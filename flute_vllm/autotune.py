@@ -22,7 +22,10 @@ writes where they win:
 - ``tc_small_min_nk`` / ``tc_small_min_m`` (Hopper): at M = 17, 24, 32, the wgmma kernel with
   block_m 32 against the LUT kernel: the N*K from which it wins (geo-mean over those Ms, on that
   layer and over all larger ones), and the M from which it wins on those layers at every larger
-  measured M (null: never).
+  measured M (null: never);
+- ``tc_large`` (Hopper): at M = 256 and 1024, the wgmma kernel against dequantize + cuBLAS: per M,
+  the N*K from which it wins at every larger measured N*K, as ``[[min_nk, M], ...]`` (the layers
+  that keep the tensor-core path up to that M; empty: never).
 The path crossovers (``tc_min_m``) are taken from M > 32 only: below, the per-layer rule decides.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ MT4_M = 32         # m_tiles 4
 TC_SMALL_MS = (17, 24, 32)  # decode sizes where the wgmma kernel may beat the LUT kernel per layer
 TC_SMALL_BLOCK_M = 32
 TC_MID_MIN_M = 33  # the path crossovers (tc_min_m / tc_max_m) start here; below, tc_small_* decides
+TC_LARGE_MS = (256, 1024)  # prefill sizes where large layers may keep the wgmma kernel (tc_large)
 
 
 def choose_thresholds(times: dict[str, dict[int, float]]) -> dict:
@@ -152,6 +156,19 @@ def choose_tc_small(times: dict[int, dict[int, tuple[float, float]]]) -> tuple[O
     return (None, None) if min_m is None else (min_m, min_nk)
 
 
+def choose_tc_large(times: dict[int, dict[int, tuple[float, float]]]) -> list[list[int]]:
+    """``tc_large`` from ``times[n * k][m] = (µs dequantize + cuBLAS, µs wgmma)``: for each measured M
+    (ascending) where the wgmma kernel wins on the largest layers, ``[min_nk, M]`` with min_nk the
+    smallest measured N*K from which it wins at every larger one."""
+    ms = sorted({m for by_m in times.values() for m in by_m})
+    out = []
+    for m in ms:
+        edge = _winning_edge({nk: by_m[m] for nk, by_m in times.items() if m in by_m}, from_largest=True)
+        if edge is not None:
+            out.append([edge, m])
+    return out
+
+
 def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_ms=WIDE_MS, group_size: int = 128,
             dtype: torch.dtype = torch.float16) -> tuple[dict[str, dict[int, float]], dict[str, dict]]:
     """On the current GPU, 4-bit: geo-mean µs per path and M over ``shapes``, and for each of
@@ -159,7 +176,8 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
     summed over wide_ms without x-ahead, "x_ahead": {n * k: (µs best width without, µs 8 warps with
     x-ahead)} at X_AHEAD_M, "mt4": {n * k: (µs 4 warps, µs 8 warps)} at MT4_M, "w2_wide": the same
     for 2-bit at X_AHEAD_M, "tc_small": {n * k: {m: (µs LUT kernel, µs wgmma block_m 32)}} over
-    TC_SMALL_MS}`` ("mt4" only when the build has 8-warp CTAs there, "tc_small" only on Hopper).
+    TC_SMALL_MS, "tc_large": {n * k: {m: (µs dequantize + cuBLAS, µs wgmma)}} over TC_LARGE_MS}``
+    ("mt4" only when the build has 8-warp CTAs there, "tc_small" and "tc_large" only on Hopper).
     Each layer is built once (4-bit; and 2-bit for the w2_wide measurement)."""
     from . import cuda_op
     from .timing import Layer, time_graph
@@ -172,6 +190,7 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
         choices["mt4"] = {}
     if "tc" in paths:
         choices["tc_small"] = {}
+        choices["tc_large"] = {}
     narrow_w, wide_w = cuda_op.WARPS_PER_CTA, cuda_op.WIDE_WARPS_PER_CTA
     for name, (n, k) in {**shapes, **wide_shapes}.items():
         layer = Layer(n, k, 4, group_size, dtype)
@@ -198,6 +217,8 @@ def measure(shapes: dict = SHAPES, wide_shapes: dict = WIDE_SHAPES, ms=MS, wide_
                 choices["tc_small"][n * k] = {m: (timed(m, force_path="lut"),
                                                   timed(m, force_path="tc", block_m=TC_SMALL_BLOCK_M))
                                               for m in TC_SMALL_MS}
+                choices["tc_large"][n * k] = {m: (timed(m, force_path="dense"), timed(m, force_path="tc"))
+                                              for m in TC_LARGE_MS}
             w2 = Layer(n, k, 2, group_size, dtype)
             choices["w2_wide"][n * k] = tuple(timed(X_AHEAD_M, w2, force_path="lut", warps=w) for w in (narrow_w, wide_w))
             del w2
@@ -239,6 +260,10 @@ def config_for(gpu: str, times: dict[str, dict[int, float]], choices: Optional[d
         cfg["tc_small_min_m"], cfg["tc_small_min_nk"] = choose_tc_small(choices["tc_small"])
         cfg["measured_tc_small_us"] = {str(nk): {str(m): [round(a, 2), round(b, 2)] for m, (a, b) in by_m.items()}
                                        for nk, by_m in sorted(choices["tc_small"].items())}
+    if "tc_large" in choices:
+        cfg["tc_large"] = choose_tc_large(choices["tc_large"])
+        cfg["measured_tc_large_us"] = {str(nk): {str(m): [round(a, 2), round(b, 2)] for m, (a, b) in by_m.items()}
+                                       for nk, by_m in sorted(choices["tc_large"].items())}
     return cfg
 
 
@@ -271,6 +296,6 @@ def autotune(out: Optional[Path] = None, quick: bool = False) -> Path:
           f"lut_wide_cta_min_nk={cfg['lut_wide_cta_min_nk']} lut_x_ahead_min_nk={cfg['lut_x_ahead_min_nk']} "
           f"lut_x_ahead_max_nk={cfg['lut_x_ahead_max_nk']} lut_wide_mt4_max_nk={cfg.get('lut_wide_mt4_max_nk')} "
           f"lut_w2_wide_min_nk={cfg['lut_w2_wide_min_nk']} tc_small_min_m={cfg.get('tc_small_min_m')} "
-          f"tc_small_min_nk={cfg.get('tc_small_min_nk')} "
+          f"tc_small_min_nk={cfg.get('tc_small_min_nk')} tc_large={cfg.get('tc_large')} "
           f"({time.time() - t0:.0f}s) -> {path}")
     return path

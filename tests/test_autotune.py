@@ -114,6 +114,33 @@ def test_tc_small_rule_from_times(monkeypatch):
     assert cuda_op.choose_path(24, f16, {**merged, "tc_small_min_nk": None}, 0, 28672, 4096) == "lut"
 
 
+def test_tc_large_rule_from_times(monkeypatch):
+    # (dequantize + cuBLAS, wgmma) µs per N*K and M: the v16 H200 full-plan pattern (8B o / qkv /
+    # down / gate_up, 70B down / gate_up): wgmma wins from 8B down at M = 256, from 8B gate_up at 1024
+    t = {16777216: {256: (27.7, 44.6), 1024: (58.7, 68.2)}, 25165824: {256: (39.6, 46.2), 1024: (87.5, 142.1)},
+         58720256: {256: (88.7, 82.1), 1024: (205.9, 231.4)}, 117440512: {256: (173.3, 112.5), 1024: (433.8, 429.1)},
+         234881024: {256: (335.3, 222.9), 1024: (951.6, 843.7)}, 469762048: {256: (648.6, 485.0), 1024: (1836.6, 1714.9)}}
+    assert autotune.choose_tc_large(t) == [[58720256, 256], [117440512, 1024]]
+    # a win on a small layer below a loss does not count; no win at an M: no entry for it
+    t[16777216] = {256: (44.6, 27.7), 1024: (142.1, 87.5)}
+    t[117440512] = {256: (173.3, 112.5), 1024: (429.1, 433.8)}
+    assert autotune.choose_tc_large(t) == [[58720256, 256], [234881024, 1024]]
+    assert autotune.choose_tc_large({1: {256: (1.0, 2.0)}}) == []
+    mid = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[20, 20, 22, 30, 45, 80])
+    cfg = autotune.config_for("GPU X", mid, {"tc_large": t})  # tc path M = 64-128
+    assert cfg["tc_large"] == [[58720256, 256], [234881024, 1024]]
+    assert cfg["measured_tc_large_us"][str(58720256)]["1024"] == [205.9, 231.4]
+    # dispatch follows (an empty list written by autotune overrides the shipped rule)
+    monkeypatch.setattr(cuda_op, "tc_available", lambda dev: True)
+    merged = {**cuda_op.resolve_config("NVIDIA H200", cuda_op._all_configs()), **cfg}
+    f16 = cuda_op.torch.float16
+    assert cuda_op.choose_path(256, f16, merged, 0, 4096, 14336) == "tc"
+    assert cuda_op.choose_path(256, f16, merged, 0, 6144, 4096) == "dense"
+    assert cuda_op.choose_path(1024, f16, merged, 0, 28672, 4096) == "dense"
+    assert cuda_op.choose_path(1024, f16, merged, 0, 8192, 28672) == "tc"
+    assert cuda_op.choose_path(256, f16, {**merged, "tc_large": []}, 0, 4096, 14336) == "dense"
+
+
 def test_written_config_is_preferred_for_its_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUTE_VLLM_CACHE", str(tmp_path))
     t = _times(lut=[10, 14, 30, 60, 120, 240], dense=[30, 30, 31, 33, 40, 60], tc=[20, 20, 22, 30, 45, 80])
