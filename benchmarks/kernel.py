@@ -28,6 +28,7 @@ into .whl/; humming imports ``packaging`` without declaring it) and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -226,58 +227,56 @@ def write_markdown(records, path, gpu):
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16, bits=4, g=128):
-    """Print our time per split-K choice (to calibrate configs/*.json), plus the heuristic's pick."""
+def _time_gemm(copies, x, bits, g, iters, **kw):
+    """µs per cuda_op.gemm call with options ``kw`` (a CUDA graph of ``iters`` calls over the weight copies)."""
+    return time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, **kw) for c in copies], iters)
+
+
+def _sweep(label, names, ms, dtype, bits, g, cells_for):
+    """For each shape and M, print ``label``, the shape, M and the cells that
+    ``cells_for(timed, m, n, k, cfg)`` returns; ``timed(iters, **gemm options)`` is µs per call."""
     cfg = cuda_op.device_config(0)
     for name in names:
         n, k = SHAPES[name]
         layer = Layer(n, k, bits, g, dtype)
         for m in ms:
             x = torch.randn(m, k, device="cuda").to(dtype)
-            auto = cuda_op.device_plan(m, n, k, bits, dtype, 0, cfg)["splits"]
-            cells = []
-            for sp in splits + (None,):
-                us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", splits=sp)
-                                 for c in layer.copies], 200)
-                cells.append(f"{'auto=' + str(auto) if sp is None else sp}:{us:.1f}")
-            if m >= 16 and cuda_op.tc_available(0):
-                for bm in cuda_op.TC_BLOCK_MS:
-                    us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="tc", block_m=bm)
-                                     for c in layer.copies], 100)
-                    cells.append(f"tc{bm}:{us:.1f}")
-            if m >= 33:
-                for mt in (4, 8):
-                    us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="lut", m_tiles=mt)
-                                     for c in layer.copies], 200)
-                    cells.append(f"mt{mt}:{us:.1f}")
-                us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="dense")
-                                 for c in layer.copies], 100)
-                cells.append(f"dense:{us:.1f}")
-            print(f"tune {name:15s} M={m:<4d} " + " ".join(cells), flush=True)
+            timed = functools.partial(_time_gemm, layer.copies, x, bits, g)
+            print(f"{label} {name:15s} M={m:<4d} " + " ".join(cells_for(timed, m, n, k, cfg)), flush=True)
+            del timed
         del layer
         torch.cuda.empty_cache()
+
+
+def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16, bits=4, g=128):
+    """Print our time per split-K choice (to calibrate configs/*.json), plus the heuristic's pick."""
+    def cells_for(timed, m, n, k, cfg):
+        auto = cuda_op.device_plan(m, n, k, bits, dtype, 0, cfg)["splits"]
+        cells = [f"{'auto=' + str(auto) if sp is None else sp}:{timed(200, force_path='lut', splits=sp):.1f}"
+                 for sp in splits + (None,)]
+        if m >= 16 and cuda_op.tc_available(0):
+            cells += [f"tc{bm}:{timed(100, force_path='tc', block_m=bm):.1f}" for bm in cuda_op.TC_BLOCK_MS]
+        if m >= 33:
+            cells += [f"mt{mt}:{timed(200, force_path='lut', m_tiles=mt):.1f}" for mt in (4, 8)]
+            cells.append(f"dense:{timed(100, force_path='dense'):.1f}")
+        return cells
+
+    _sweep("tune", names, ms, dtype, bits, g, cells_for)
 
 
 def tune_tc(names, ms=(256, 512), block_ms=(64, 128, 256), splits=(1, 2, 3, 4), dtype=torch.float16, bits=4, g=128):
     """Print the tensor-core path's time per (block_m, split-K) and the heuristic's plan, to
     calibrate ``tc_block_m`` / ``tc_overhead_chunks`` in configs/*.json."""
-    cfg = cuda_op.device_config(0)
-    for name in names:
-        n, k = SHAPES[name]
-        layer = Layer(n, k, bits, g, dtype)
-        for m in ms:
-            x = torch.randn(m, k, device="cuda").to(dtype)
-            auto = cuda_op.plan_tc(m, n, k, cfg)
-            cells = []
-            for bm in block_ms:
-                for sp in splits + (None,):
-                    us = time_graph([lambda c=c: cuda_op.gemm(x, c[0], c[1], c[2], bits, g, force_path="tc",
-                                                              block_m=bm, splits=sp)
-                                     for c in layer.copies], 50)
-                    cells.append(f"bm{bm}/{'auto=' + str(cuda_op.plan_tc(m, n, k, cfg, block_m=bm)['splits']) if sp is None else sp}:{us:.1f}")
-            print(f"tune_tc {name:15s} M={m:<4d} plan=bm{auto['block_m']}/s{auto['splits']} " + " ".join(cells), flush=True)
-        del layer
-        torch.cuda.empty_cache()
+    def cells_for(timed, m, n, k, cfg):
+        auto = cuda_op.plan_tc(m, n, k, cfg)
+        cells = [f"plan=bm{auto['block_m']}/s{auto['splits']}"]
+        for bm in block_ms:
+            auto_bm = cuda_op.plan_tc(m, n, k, cfg, block_m=bm)["splits"]
+            cells += [f"bm{bm}/{'auto=' + str(auto_bm) if sp is None else sp}:"
+                      f"{timed(50, force_path='tc', block_m=bm, splits=sp):.1f}" for sp in splits + (None,)]
+        return cells
+
+    _sweep("tune_tc", names, ms, dtype, bits, g, cells_for)
 
 
 def plan_jobs(plan):
