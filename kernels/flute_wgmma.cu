@@ -300,6 +300,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   const int ce = min(nch, cb + p.chunks_per_split);
 
   // ---- copy assignments (fixed across chunks; the activation pieces: see wgmma_x_piece_k) ----
+  // (Per-thread activation copies are only the gather refill's: BN <= kWgmmaGatherMaxRows without
+  // the producer warp, an A/B baseline. Larger BN load X by TMA, smaller ones by the producer.)
   constexpr bool kGatherX = wgmma_gathers_x<BN>();
   const int x_stride = wgmma_x_row_stride<BN>(p.K);
   const int x_piece = tid & 7;
@@ -320,7 +322,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   // issued in order, each once) instead of a row clamp and 64-bit address math per chunk: v12,
   // 8-11% fewer loop instructions, H200 tc path 1.12x faster over M = 64-4096 (kernels/NOTES.md).
   // Activation rows x_row0 + 32 j (clamped to M - 1) as 32-bit offsets from row x_row0: one
-  // running pointer instead of BN / 32 (64-bit pointers made BN = 128 spill).
+  // running pointer instead of BN / 32 (64-bit pointers made BN = 128 spill, before TMA).
   const int x_row_first = min(m0 + x_row0, p.M - 1);
   const T* x_next = x + (size_t)x_row_first * x_stride + (cb << 6);
   int xk_next = (cb << 6) + 32 * (x_piece >> 2);  // gather: this piece's first k in the next chunk (pad test)
