@@ -22,6 +22,9 @@
 #include <type_traits>
 
 #include <cuda.h>  // CUtensorMap (the map itself is encoded through the runtime's driver entry point)
+#if CUDART_VERSION < 12000
+#error "flute_vllm's kernels need a CUDA 12.0 or newer toolkit (TMA descriptors, wgmma)"
+#endif
 
 #include "flute_kernel.h"
 #include "flute_device.cuh"
@@ -616,7 +619,11 @@ EncodeTiled tensor_map_encoder() {
   static const EncodeTiled fn = [] {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult q;
+#if CUDART_VERSION >= 12050
     const cudaError_t e = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q);
+#else  // CUDA 12.0-12.4 (the by-version query is 12.5+; the plain one is gone in 13)
+    const cudaError_t e = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &q);
+#endif
     cudaGetLastError();
     return e == cudaSuccess && q == cudaDriverEntryPointSuccess ? reinterpret_cast<EncodeTiled>(f) : nullptr;
   }();
