@@ -259,3 +259,45 @@ def test_resume_runs_only_the_missing_shape_jobs_and_writes_after_each(tmp_path,
     calls.clear()
     kernel.main(args)  # without --resume: everything again, from an empty record list
     assert len(calls) == 2 and len(json.loads((tmp_path / "GPU_X.json").read_text())) == 2
+
+
+def test_tune_sweeps_time_each_option_and_print_the_plan(monkeypatch, capsys):
+    """--tune / --tune-tc on the CPU: every (path, block_m, split) cell is one timed gemm call with
+    those options, and the row names the heuristic's plan (GPU timing replaced by a stand-in)."""
+    calls = []
+
+    class FakeLayer:
+        def __init__(self, n, k, bits, g, dtype):
+            self.copies = [("q", "s", "t")]
+
+    def fake_gemm(x, q, s, t, bits, g, **kw):
+        calls.append(kw)
+
+    def fake_time_graph(fns, iters):
+        for f in fns:
+            f()
+        return 10.0 + len(calls)
+
+    cfg = {"sm_count": 132, "cta_overhead_chunks": 2.0, "tc_overhead_chunks": [[128, 2.0], [256, 16.0]],
+           "min_chunks_per_split": 4, "max_splits": 32, "tc_block_m": [[64, 64], [128, 128], [1 << 30, 256]]}
+    monkeypatch.setattr(kernel, "Layer", FakeLayer)
+    monkeypatch.setattr(kernel, "time_graph", fake_time_graph)
+    monkeypatch.setattr(kernel.cuda_op, "gemm", fake_gemm)
+    monkeypatch.setattr(kernel.cuda_op, "device_config", lambda dev: cfg)
+    monkeypatch.setattr(kernel.torch, "randn", lambda *a, device=None, **kw: torch.zeros(a))
+    kernel.tune_tc(["8B-gate_up"], ms=(256,), block_ms=(128, 256), splits=(1, 2))
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("tune_tc 8B-gate_up") and "M=256" in out[0]
+    assert "plan=bm256/s1" in out[0]  # 224 CTAs at 1 per SM: no split with the per-block_m overhead
+    assert [(c["block_m"], c["splits"]) for c in calls] == [(128, 1), (128, 2), (128, None), (256, 1), (256, 2),
+                                                           (256, None)]
+    assert all(c["force_path"] == "tc" for c in calls)
+    assert "bm256/auto=1:" in out[0] and "bm128/2:" in out[0]
+    calls.clear()
+    monkeypatch.setattr(kernel.cuda_op, "tc_available", lambda dev: True)
+    monkeypatch.setattr(kernel.cuda_op, "device_plan", lambda m, n, k, bits, dtype, dev, c: {"splits": 3})
+    kernel.tune(["8B-o"], ms=(64,), splits=(1, 2))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("tune 8B-o") and "auto=3:" in line and "dense:" in line and "mt8:" in line
+    paths = [c.get("force_path") for c in calls]
+    assert paths == ["lut"] * 3 + ["tc"] * len(kernel.cuda_op.TC_BLOCK_MS) + ["lut", "lut", "dense"]
