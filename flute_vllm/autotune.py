@@ -244,6 +244,9 @@ def config_for(gpu: str, times: dict[str, dict[int, float]], choices: Optional[d
     def measured(d):
         return {str(nk): [round(a, 2), round(b, 2)] for nk, (a, b) in sorted(d.items())}
 
+    def measured_by_m(d):  # {n * k: {m: (a, b)}}, the per-layer-and-M measurements
+        return {str(nk): {str(m): pair for m, pair in measured(by_m).items()} for nk, by_m in sorted(d.items())}
+
     if "wide" in choices:
         cfg["lut_wide_cta_min_nk"] = choose_wide_min_nk(choices["wide"])
         cfg["measured_wide_us"] = measured(choices["wide"])
@@ -258,12 +261,10 @@ def config_for(gpu: str, times: dict[str, dict[int, float]], choices: Optional[d
         cfg["measured_w2_wide_us"] = measured(choices["w2_wide"])
     if "tc_small" in choices:
         cfg["tc_small_min_m"], cfg["tc_small_min_nk"] = choose_tc_small(choices["tc_small"])
-        cfg["measured_tc_small_us"] = {str(nk): {str(m): [round(a, 2), round(b, 2)] for m, (a, b) in by_m.items()}
-                                       for nk, by_m in sorted(choices["tc_small"].items())}
+        cfg["measured_tc_small_us"] = measured_by_m(choices["tc_small"])
     if "tc_large" in choices:
         cfg["tc_large"] = choose_tc_large(choices["tc_large"])
-        cfg["measured_tc_large_us"] = {str(nk): {str(m): [round(a, 2), round(b, 2)] for m, (a, b) in by_m.items()}
-                                       for nk, by_m in sorted(choices["tc_large"].items())}
+        cfg["measured_tc_large_us"] = measured_by_m(choices["tc_large"])
     return cfg
 
 
