@@ -65,6 +65,25 @@ __device__ __forceinline__ void cp_async4_s(uint32_t dst, const void* src) {
 __device__ __forceinline__ void cp_async4_zfill_s(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
 }
+// Split-K arrival, called by every thread of the CTA after it wrote its fp32 partials: true in the
+// last CTA of the output tile to arrive, which then reads every split's partials. CUTLASS's
+// generic-barrier pattern: a CTA barrier, then one thread adds to the tile's counter with acq_rel
+// semantics at GPU scope (cumulative through the barrier: it releases the whole CTA's partials
+// and acquires the other CTAs'), then a CTA barrier again. v16 and before fenced every thread
+// (__threadfence, sequentially consistent) before an atomicAdd and again after it: v17 A/B on H200,
+// 10 shapes, 0.975x the time at M = 1-16 (mma.sync kernel), 0.978x at M = 32-256 (wgmma kernel).
+__device__ __forceinline__ bool splitk_arrive_last(int* counter, int splits) {
+  __shared__ int s_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int old;
+    asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
+    s_last = old == splits - 1;
+  }
+  __syncthreads();
+  return s_last;
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }

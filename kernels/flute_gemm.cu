@@ -430,14 +430,8 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
         if (m0 + ml < p.M) ws_z[((size_t)split * mrows + ml) * p.N + n] = acc[nt][mt][j];
       }
   }
-  __threadfence();
-  __syncthreads();
-  __shared__ int s_last;
   int* counter = p.counters + blockIdx.z * gridDim.x + blockIdx.x;
-  if (threadIdx.x == 0) s_last = (atomicAdd(counter, 1) == p.splits - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!splitk_arrive_last(counter, p.splits)) return;
   {
     // Sum the partials of this CTA's rows [n0, n0 + rows) x act rows [m0, m0 + 8*MT) in split
     // order (deterministic), 4 consecutive n per thread, many independent loads in flight.

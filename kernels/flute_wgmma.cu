@@ -574,14 +574,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   // Split-K: fp32 partials [split][M][N]; the last CTA of this (x, y) sums them in split order.
   float* ws = p.workspace;
   for_each_out([&](int m, int n, float v) { ws[((size_t)split * p.M + m) * p.N + n] = v; });
-  __threadfence();
-  __syncthreads();
-  __shared__ int s_last;
   int* counter = p.counters + blockIdx.y * gridDim.x + blockIdx.x;
-  if (tid == 0) s_last = (atomicAdd(counter, 1) == p.splits - 1);
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
+  if (!splitk_arrive_last(counter, p.splits)) return;
   const int n0 = blockIdx.x * kWgmmaTiles * 16;
   const int nvalid = min(kWgmmaTiles * 16, p.N - n0);
   const int mvalid = min(BN, p.M - m0);
