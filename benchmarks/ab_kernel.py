@@ -36,6 +36,7 @@ REL_ERR_MAX = 1e-2  # vs the fp32 dequantize + matmul of the same weights (fp16/
 
 
 VARIANT_OPTIONS = {"4": ("--warps", "4"), "8": ("--warps", "8"), "xa0": ("--x-ahead", "0"), "xa1": ("--x-ahead", "1"),
+                   **{f"ks{s}": ("--k-slices", str(s)) for s in cuda_op.K_SLICES},
                    **{p: ("--path", p) for p in ("lut", "tc", "dense")},
                    **{f"bm{b}": ("--block-m", str(b)) for b in cuda_op.TC_BLOCK_MS}}
 
@@ -55,9 +56,10 @@ def parse_variant(spec: str) -> tuple[str, str]:
 def variant_args(name: str, args) -> list[str]:
     """The worker's launch options for a variant: its ``@`` suffix (4 / 8: LUT-kernel CTA width;
     xa0 / xa1: the x-ahead variant, cuda_op.x_ahead_for; lut / tc / dense: the path; bm8 ... bm256:
-    the tensor-core path's block_m), else ``--warps`` / ``--x-ahead`` / ``--path`` / ``--block-m``."""
+    the tensor-core path's block_m; ks1 ... ks8: the LUT kernel's K slices per CTA), else ``--warps`` /
+    ``--x-ahead`` / ``--path`` / ``--block-m`` / ``--k-slices``."""
     opts = {"--warps": str(args.warps), "--x-ahead": str(args.x_ahead), "--path": args.path,
-            "--block-m": str(args.block_m)}
+            "--block-m": str(args.block_m), "--k-slices": str(args.k_slices)}
     _, at, suffix = name.partition("@")
     for o in suffix.split(",") if at else []:
         flag, value = VARIANT_OPTIONS[o]
@@ -104,7 +106,7 @@ def worker(args) -> None:
             # a variant is only worth its time if it is right: vs dequantize + matmul (separate kernel)
             q, sc, tb = layer.copies[0]
             kw = dict(force_path=args.path, warps=args.warps or None, x_ahead=None if args.x_ahead < 0 else args.x_ahead,
-                      block_m=args.block_m or None,
+                      block_m=args.block_m or None, k_slices=args.k_slices or None,
                       slab_bytes=None if args.slab_bytes < 0 else args.slab_bytes)
             got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, **kw).float()
             w = cuda_op.dequantize_kernel_layout(q, sc, tb, args.bits, args.group_size, k).float()
@@ -118,6 +120,7 @@ def worker(args) -> None:
                                   rel_err=float(f"{rel_err:.2e}"),
                                   flags=flags, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
                                   path=args.path, warps=args.warps, x_ahead=args.x_ahead, block_m=args.block_m,
+                                  k_slices=args.k_slices,
                                   slab_bytes=args.slab_bytes)), flush=True)
         del layer, dense
         torch.cuda.empty_cache()
@@ -144,6 +147,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--x-ahead", type=int, default=-1, choices=[-1, 0, 1],
                     help="x-ahead kernel variant for every variant without an @xa suffix, where the kernel has "
                          "one (-1: the op's choice, cuda_op.x_ahead_for)")
+    ap.add_argument("--k-slices", type=int, default=0, choices=[0, *cuda_op.K_SLICES],
+                    help="LUT kernel: K slices per CTA for every variant without an @ks suffix (0: the op's "
+                         "choice, cuda_op.plan)")
     ap.add_argument("--slab-bytes", type=int, default=-1,
                     help="dense path: dequantize by row slabs of at most this many bytes (0: whole matrix; "
                          "-1: the config's dense_slab_bytes)")

@@ -264,6 +264,22 @@ def tune(names, ms=(1, 16, 64), splits=(1, 2, 4, 8, 16, 32), dtype=torch.float16
     _sweep("tune", names, ms, dtype, bits, g, cells_for)
 
 
+def tune_ks(names, ms=(1, 16), k_slices=(1, 2, 4, 8), splits=(1, 2, 4, 8, 16), dtype=torch.float16, bits=4, g=128):
+    """Print the LUT kernel's time per (K slices, split-K) and the heuristic's plan, to calibrate
+    ``lut_k_slices`` / ``lut_split_reduce_chunks`` in configs/*.json."""
+    def cells_for(timed, m, n, k, cfg):
+        auto = cuda_op.device_plan(m, n, k, bits, dtype, 0, cfg)
+        cells = [f"plan=ks{auto['k_slices']}/s{auto['splits']}:{timed(200, force_path='lut'):.1f}"]
+        for ks in k_slices:
+            xa = auto["x_ahead"]
+            if not cuda_op.k_slices_ok(bits, auto["m_tiles"], auto["warps"], xa, ks):
+                continue
+            cells += [f"ks{ks}/{sp}:{timed(200, force_path='lut', k_slices=ks, splits=sp):.1f}" for sp in splits]
+        return cells
+
+    _sweep("tune_ks", names, ms, dtype, bits, g, cells_for)
+
+
 def tune_tc(names, ms=(256, 512), block_ms=(64, 128, 256), splits=(1, 2, 3, 4), dtype=torch.float16, bits=4, g=128):
     """Print the tensor-core path's time per (block_m, split-K) and the heuristic's plan, to
     calibrate ``tc_block_m`` / ``tc_overhead_chunks`` in configs/*.json."""
@@ -320,12 +336,17 @@ def main(argv=None):
                     help="keep the records of <out>/<gpu>.json and run only the (job, shape) pairs it lacks")
     ap.add_argument("--tune", default="", help="comma-separated shapes: split-K sweep only")
     ap.add_argument("--tune-ms", default="1,16,64", help="M values for --tune")
+    ap.add_argument("--tune-ks", default="", help="comma-separated shapes: LUT kernel K slices x split-K sweep "
+                    "at --tune-ms")
     ap.add_argument("--tune-tc", default="", help="comma-separated shapes: tensor-core block_m x split-K sweep "
                     "at --tune-tc-ms")
     ap.add_argument("--tune-tc-ms", default="256,512", help="M values for --tune-tc")
     args = ap.parse_args(argv)
     if args.tune:
         tune([t for t in args.tune.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")))
+        return
+    if args.tune_ks:
+        tune_ks([t for t in args.tune_ks.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")))
         return
     if args.tune_tc:
         tune_tc([t for t in args.tune_tc.split(",") if t], ms=tuple(int(m) for m in args.tune_tc_ms.split(",")))

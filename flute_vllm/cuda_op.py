@@ -285,22 +285,31 @@ def _ctas_per_sm(bits: int, m_tiles: int, dtype_name: str, device_index: int, wa
         return max(1, int(_ext().ctas_per_sm(bits, m_tiles, dtype_name, warps, x_ahead)))
 
 
-def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits: Optional[int]) -> tuple[int, int]:
-    """(splits, chunks per split) for ``ctas`` CTAs of ``nch`` 64-wide K chunks each.
+def _wave_cost(ctas: int, nch: int, splits: int, slots: int, overhead: float, k_slices: int = 1,
+               reduce: tuple[float, float] = (0.0, 0.0)) -> float:
+    """The wave model, in chunk times: ceil(CTAs * splits / resident slots) waves, each as long as one
+    warp's chunks (a CTA's ``nch / splits`` chunks, shared by ``k_slices`` warps) plus ``overhead`` (the
+    prologue), plus, when split, the reduction's tail once: ``reduce[0] + reduce[1] * splits`` (the
+    last CTA's dependent L2 round trips, and the partials it reads)."""
+    cps = -(-nch // splits)
+    tail = reduce[0] + reduce[1] * splits if splits > 1 else 0.0
+    return -(-(ctas * splits) // max(1, slots)) * (-(-cps // k_slices) + overhead) + tail
 
-    Unless given, split-K minimises a wave model of the run time: ceil(CTAs * splits / resident
-    slots) waves, each as long as one CTA's work (its chunks plus ``overhead`` for the prologue and
-    the split-K reduction), with at least ``min_chunks_per_split`` chunks per split. No split when
-    the counters (one per output tile) would not fit.
+
+def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits: Optional[int],
+             k_slices: int = 1, reduce: tuple[float, float] = (0.0, 0.0), min_splits: int = 1) -> tuple[int, int, float]:
+    """(splits, chunks per split, model cost) for ``ctas`` CTAs of ``nch`` 64-wide K chunks each.
+
+    Unless given, split-K minimises :func:`_wave_cost` over splits >= ``min_splits``, with at least
+    ``min_chunks_per_split`` chunks per split (per K slice of a CTA). No split when the counters
+    (one per output tile) would not fit.
     """
     if splits is None:
-        slots = max(1, slots)
-        max_s = max(1, min(nch // max(1, cfg["min_chunks_per_split"]), cfg["max_splits"]))
+        max_s = max(1, min(nch // max(1, cfg["min_chunks_per_split"] * k_slices), cfg["max_splits"]))
         best = None
-        for s in range(1, max_s + 1):
-            cps = -(-nch // s)
-            s_eff = -(-nch // cps)
-            cost = -(-(ctas * s_eff) // slots) * (cps + overhead)
+        for s in range(min(min_splits, max_s), max_s + 1):
+            s_eff = -(-nch // -(-nch // s))
+            cost = _wave_cost(ctas, nch, s_eff, slots, overhead, k_slices, reduce)
             if best is None or cost < best[0] - 1e-9:
                 best = (cost, s_eff)
         splits = best[1]
@@ -308,7 +317,8 @@ def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits
     if ctas > COUNTER_SLOTS:
         splits = 1
     cps = -(-nch // splits)
-    return -(-nch // cps), cps
+    splits = -(-nch // cps)
+    return splits, cps, _wave_cost(ctas, nch, splits, slots, overhead, k_slices, reduce)
 
 
 @lru_cache(maxsize=None)  # a property of the loaded build: asked once, not on every gemm call
@@ -335,6 +345,17 @@ def x_ahead_variant(bits: int, m_tiles: int, warps: int) -> bool:
     """Whether the kernel for (bits, m_tiles, warps) is built with and without x-ahead (activations
     loaded one chunk ahead), chosen per launch; kernels/flute_kernel.h gemm_x_ahead_variant."""
     return bits == 4 and m_tiles == 1 and warps == WIDE_WARPS_PER_CTA
+
+
+K_SLICES = (1, 2, 4, 8)  # kernels/flute_kernel.h gemm_k_slices_ok
+
+
+def k_slices_ok(bits: int, m_tiles: int, warps: int, x_ahead: int, k_slices: int) -> bool:
+    """Whether the mma.sync kernel for (bits, m_tiles, warps, x_ahead) runs with ``k_slices`` (its warps in
+    groups of that many sharing their weight tiles and splitting the CTA's K range, summed in shared
+    memory): kernels/flute_kernel.h gemm_k_slices_ok, mirrored here (a CPU test compares them)."""
+    return k_slices == 1 or (k_slices in K_SLICES[1:] and k_slices <= warps and m_tiles <= bits
+                             and not (x_ahead_variant(bits, m_tiles, warps) and not x_ahead))
 
 
 def _x_ahead_layer(n: int, k: int, cfg: dict) -> bool:
@@ -396,35 +417,64 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
 
 def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, splits: Optional[int] = None,
          resident: Optional[int] = None, warps: Optional[int] = None, bits: int = 4,
-         x_ahead: Optional[int] = None) -> dict:
+         x_ahead: Optional[int] = None, k_slices: Optional[int] = None) -> dict:
     """Launch plan of the mma.sync kernel: m_tiles, warps per CTA (:func:`warps_for`), the x-ahead
-    variant (:func:`x_ahead_for`), split-K (CTAs along K), chunks per split (:func:`_split_k`'s wave
-    model with ``resident`` CTAs per SM and ``cta_overhead_chunks``)."""
+    variant (:func:`x_ahead_for`), K slices per CTA, split-K (CTAs along K) and chunks per split:
+    the (k_slices, splits) of least :func:`_wave_cost` with ``resident`` CTAs per SM,
+    ``cta_overhead_chunks`` and ``lut_split_reduce_chunks`` ([base, per split]), k_slices from the
+    config's ``lut_k_slices`` (default: [1]) that the kernel has (:func:`k_slices_ok`). A plan with
+    K slices must also keep the activations a CTA reads within ``lut_k_slices_max_x_bytes`` (they
+    are read by every slice's CTA: L1-resident or not) and run at least
+    ``lut_k_slices_min_warps_per_sm`` warps per SM on average (fewer cannot hide the latency)."""
     mt = m_tiles or m_tiles_for(m)
     w = warps or warps_for(bits, mt, n, k, cfg)
     xa = _x_ahead_of(bits, mt, w, n, k, cfg, x_ahead)
     if w not in (WARPS_PER_CTA, WIDE_WARPS_PER_CTA) or (w == WIDE_WARPS_PER_CTA and not wide_ok(mt)):
         _fail(f"warps={w} must be {WARPS_PER_CTA}, or {WIDE_WARPS_PER_CTA} where the build has wide CTAs "
               f"(m_tiles <= {WIDE_MAX_M_TILES} by default; m_tiles={mt})")
-    grid_x = -(-n // rows_per_cta(mt, w))
+    if k_slices is not None and not k_slices_ok(bits, mt, w, xa, k_slices):
+        _fail(f"k_slices={k_slices} is not built for bits={bits}, m_tiles={mt}, warps={w}, x_ahead={xa} "
+              f"(1, or 2 / 4 / 8 <= warps with m_tiles <= bits, not the 4-bit 8-warp m_tiles=1 kernel without x-ahead)")
+    options = [k_slices] if k_slices is not None else [
+        s for s in (cfg.get("lut_k_slices") or [1]) if k_slices_ok(bits, mt, w, xa, s)] or [1]
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K
-    splits, cps = _split_k(grid_x * m_chunks, nch, cfg, cfg["sm_count"] * (resident or 4),
-                           float(cfg.get("cta_overhead_chunks", 2.0)), splits)
-    return {"m_tiles": mt, "warps": w, "x_ahead": xa, "splits": splits, "chunks_per_split": cps,
-            "grid_x": grid_x, "m_chunks": m_chunks}
+    reduce = tuple(float(v) for v in (cfg.get("lut_split_reduce_chunks") or (0.0, 0.0)))
+    x_row_bytes = min(m, 8 * mt) * CHUNK_K * 2  # activation bytes of one chunk that a CTA reads
+    best = None
+    for ks in options:
+        grid_x = -(-n // (rows_per_cta(mt, w) // ks))
+        min_splits = 1
+        if ks > 1 and k_slices is None and splits is None:
+            # the split count that keeps a CTA's activations within the limit
+            cps_max = max(1, int(cfg.get("lut_k_slices_max_x_bytes", 1 << 30)) // x_row_bytes)
+            min_splits = -(-nch // cps_max)
+        slots, overhead = cfg["sm_count"] * (resident or 4), float(cfg.get("cta_overhead_chunks", 2.0))
+        # (without K slices the split count is the plain wave model's, as calibrated before K slices
+        # existed; the reduction's tail enters only the comparison with the K-slice plans)
+        sp, cps, _ = _split_k(grid_x * m_chunks, nch, cfg, slots, overhead, splits, ks,
+                              reduce if ks > 1 else (0.0, 0.0), min_splits)
+        cost = _wave_cost(grid_x * m_chunks, nch, sp, slots, overhead, ks, reduce)
+        if (ks > 1 and k_slices is None and
+                (cps * x_row_bytes > int(cfg.get("lut_k_slices_max_x_bytes", 1 << 30))
+                 or grid_x * m_chunks * sp * w < float(cfg.get("lut_k_slices_min_warps_per_sm", 0)) * cfg["sm_count"])):
+            continue
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, {"m_tiles": mt, "warps": w, "x_ahead": xa, "k_slices": ks, "splits": sp,
+                           "chunks_per_split": cps, "grid_x": grid_x, "m_chunks": m_chunks})
+    return best[1]
 
 
 def device_plan(m: int, n: int, k: int, bits: int, dtype: torch.dtype, device_index: int, cfg: dict,
                 m_tiles: Optional[int] = None, splits: Optional[int] = None, warps: Optional[int] = None,
-                x_ahead: Optional[int] = None) -> dict:
+                x_ahead: Optional[int] = None, k_slices: Optional[int] = None) -> dict:
     """:func:`plan` on this device: m_tiles, warps and the x-ahead variant chosen (unless given),
     with the resident CTAs per SM of the kernel they select."""
     mt = m_tiles or m_tiles_for(m)
     w = warps or warps_for(bits, mt, n, k, cfg)
     xa = _x_ahead_of(bits, mt, w, n, k, cfg, x_ahead)
     resident = _ctas_per_sm(bits, mt, str(dtype).split(".")[-1], device_index, w, xa)
-    return plan(m, n, k, cfg, mt, splits, resident, w, bits, xa)
+    return plan(m, n, k, cfg, mt, splits, resident, w, bits, xa, k_slices)
 
 
 @lru_cache(maxsize=None)
@@ -482,8 +532,8 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     grid_y = -(-m // block_m)
     nch = _padded_k(k) // CHUNK_K
     resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
-    splits, cps = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
-                           tc_overhead_chunks(cfg, block_m), splits)
+    splits, cps, _ = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
+                              tc_overhead_chunks(cfg, block_m), splits)
     return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y}
 
 
@@ -627,7 +677,7 @@ def _rows_for_kernel(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None,
-         warps=None, slab_bytes=None, x_ahead=None):
+         warps=None, slab_bytes=None, x_ahead=None, k_slices=None):
     """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
     m, k = x.shape
     n = scales.shape[0]
@@ -653,11 +703,11 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
         return dense_gemm(x, qweight, scales, tables, bits, group_size, k,
                           cfg.get("dense_slab_bytes") if slab_bytes is None else slab_bytes)
     x = _rows_for_kernel(x)
-    pl = device_plan(m, n, k, bits, x.dtype, dev_index, cfg, m_tiles, splits, warps, x_ahead)
+    pl = device_plan(m, n, k, bits, x.dtype, dev_index, cfg, m_tiles, splits, warps, x_ahead, k_slices)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws, counters = _split_buffers(pl["splits"], pl["m_chunks"] * pl["splits"] * 8 * pl["m_tiles"] * n, x.device)
     _ext().gemm(x, qweight, scales, tables, out, ws, counters, bits, group_size,
-                pl["splits"], pl["chunks_per_split"], pl["m_tiles"], pl["warps"], pl["x_ahead"])
+                pl["splits"], pl["chunks_per_split"], pl["m_tiles"], pl["warps"], pl["x_ahead"], pl["k_slices"])
     return out
 
 

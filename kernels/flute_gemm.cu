@@ -111,6 +111,12 @@ constexpr int kQuadSteps = BITS != 2 ? 0 : W == kWideWarpsPerCta ? FLUTE_LUT_W2_
 // 2-bit with quad steps (quad table).
 template <int BITS, int W> constexpr bool kSmemTable = BITS == 4 || kQuadSteps<BITS, W> != 0;
 
+// Kernels that can slice K among the warps of a CTA (GemmParams::k_slices > 1, gemm_k_slices_ok): a
+// warp's partial tile (NT * MT * 4 floats per lane) is summed through its own drained ring
+// (FLUTE_LUT_STAGES * NT * 32 * BITS words).
+template <int BITS, int MT, int W, bool XA>
+constexpr bool kSlicedK = gemm_k_slices_ok(BITS, MT, W, XA, 2) && MT * 4 <= FLUTE_LUT_STAGES * BITS;
+
 // Pair-table copies: a 4-warp CTA keeps 16 (16 KB, <= 2-way bank conflicts) to keep its occupancy;
 // an 8-warp CTA shares 32 conflict-free copies (32 KB) among twice the warps.
 template <int W> using LutPairTable = PairTable<W == kWideWarpsPerCta ? 32 : 16>;
@@ -132,12 +138,27 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
   const int ngroups = p.K / p.group_size;
   const bool g32 = p.group_size == 32;
   const bool half_last = (p.K & 63) != 0;
-  const int warp_tile0 = (blockIdx.x * W + warp) * NT;
+  // Sliced K (p.k_slices = KS > 1): the CTA's warps form W / KS groups of KS; the warps of a group
+  // share their weight tiles and split the CTA's K range, and their partial tiles are summed in
+  // shared memory at the end (kSlicedK). Gives a small layer many CTAs without split-K across CTAs,
+  // whose reduction costs 1.6-2.3 us per call (kernels/NOTES.md v17).
+  const int ks_shift = kSlicedK<BITS, MT, W, XA> ? 31 - __clz(p.k_slices) : 0;  // k_slices is a power of two
+  // (kslice through a shuffle: ptxas then knows the warp's chunk range, and so its loop, is warp-uniform
+  // and adds no convergence barriers to the chunk loop.)
+  const int ks_n = 1 << ks_shift, kslice = __shfl_sync(0xffffffffu, warp, 0) & (ks_n - 1);
+  const int tile_warps = W >> ks_shift;
+  const int warp_tile0 = (blockIdx.x * tile_warps + (warp >> ks_shift)) * NT;
   const bool warp_active = warp_tile0 < ntiles;
   const int split = blockIdx.y;
   const int m0 = blockIdx.z * (8 * MT);
-  const int cb = split * p.chunks_per_split;
-  const int ce = min(nch, cb + p.chunks_per_split);
+  const int split_cb = split * p.chunks_per_split;
+  const int split_ce = min(nch, split_cb + p.chunks_per_split);
+  int cb = split_cb, ce = split_ce;  // this warp's chunks
+  if constexpr (kSlicedK<BITS, MT, W, XA>) {
+    const int slice_chunks = (split_ce - split_cb + ks_n - 1) >> ks_shift;
+    cb = min(split_ce, split_cb + kslice * slice_chunks);
+    ce = min(split_ce, cb + slice_chunks);
+  }
 
   int tile[NT];
   bool tile_ok[NT];
@@ -155,7 +176,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
   __shared__ __align__(16) uint32_t s_w[W][STAGES][NT][32 * BITS];
   __shared__ __align__(16) T s_sc[W][STAGES][NT][2][16];
 
-  const int cta_tile0 = min((int)blockIdx.x * W * NT, ntiles - 1);
+  const int cta_tile0 = min((int)blockIdx.x * tile_warps * NT, ntiles - 1);
   extern __shared__ __align__(16) uint32_t s_pair[];  // 4-bit: Pair (LutPairTable); 2-bit: QuadTable (built below)
   const bool warp_work = warp_active && cb < ce;
   {
@@ -395,6 +416,36 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
     cp_async_wait<0>();
   }
 
+  if constexpr (kSlicedK<BITS, MT, W, XA>) {
+    if (ks_n > 1) {
+      // Sum the group's K slices: each warp parks its partial tile in its own drained ring, the
+      // group's first warp adds the others' in slice order (deterministic) and alone goes on.
+      float* buf = reinterpret_cast<float*>(&s_w[warp][0][0][0]);
+      __syncwarp();  // every lane of this warp is done reading its ring
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) buf[((nt * MT + mt) * 4 + j) * 32 + lane] = acc[nt][mt][j];
+      __syncthreads();
+      if (kslice == 0) {
+        for (int sl = 1; sl < ks_n; ++sl) {
+          const float* other = reinterpret_cast<const float*>(&s_w[warp + sl][0][0][0]);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+              for (int j = 0; j < 4; ++j) acc[nt][mt][j] += other[((nt * MT + mt) * 4 + j) * 32 + lane];
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) tile_ok[nt] = false;
+      }
+    }
+  }
+
   // Epilogue. C fragment: acc[j] is (row n = tile*16 + g + 8*(j>>1), act row m = 2t + (j&1)).
   // (Two explicit store loops on purpose: one shared lambda for both changes ptxas's register
   // allocation of the whole kernel, main loop included.)
@@ -435,7 +486,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
   {
     // Sum the partials of this CTA's rows [n0, n0 + rows) x act rows [m0, m0 + 8*MT) in split
     // order (deterministic), 4 consecutive n per thread, many independent loads in flight.
-    const int rows = 16 * NT * W;
+    const int rows = 16 * NT * tile_warps;
     const int n0 = blockIdx.x * rows;
     const int nvalid = min(rows, p.N - n0);
     const int mvalid = min((int)mrows, p.M - m0);
@@ -546,7 +597,9 @@ int occupancy_w() {
 template <int BITS, int MT, int W, bool XA, typename T>
 cudaError_t launch_gemm_w(const GemmParams& p, cudaStream_t stream) {
   constexpr int NT = gemm_n_tiles_per_warp(MT, W);
-  dim3 grid(gemm_grid_x(p.N, MT, W), p.splits, gemm_m_chunks(p.M, MT));
+  if (p.k_slices != 1 && (!kSlicedK<BITS, MT, W, XA> || !gemm_k_slices_ok(BITS, MT, W, XA, p.k_slices)))
+    return cudaErrorInvalidValue;
+  dim3 grid(gemm_grid_x(p.N, MT, W, p.k_slices), p.splits, gemm_m_chunks(p.M, MT));
   const cudaError_t err = set_smem_attr<BITS, MT, NT, W, XA, T>();
   if (err != cudaSuccess) return err;
   lut_gemm_kernel<BITS, MT, NT, W, XA, T><<<grid, 32 * W, pair_smem_bytes<BITS, NT, W>(), stream>>>(p);
@@ -630,7 +683,7 @@ cudaError_t launch_dequant_typed(const DequantParams& p, cudaStream_t stream) {
 
 cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream) {
   if (p.M <= 0 || p.N <= 0) return cudaSuccess;
-  if (p.N % 16 || p.K % 32 || p.splits < 1 || p.chunks_per_split < 1) return cudaErrorInvalidValue;
+  if (p.N % 16 || p.K % 32 || p.splits < 1 || p.chunks_per_split < 1 || p.k_slices < 1) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kF16: return launch_gemm_typed<half>(p, stream);
     case DType::kBF16: return launch_gemm_typed<__nv_bfloat16>(p, stream);

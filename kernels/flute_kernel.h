@@ -40,6 +40,8 @@ struct GemmParams {
   int x_ahead;               // 1: the kernel variant that loads activations one chunk ahead, where
                              // gemm_x_ahead_variant() (elsewhere fixed by the build; ignored)
   DType dtype;
+  int k_slices;              // 1, or 2 / 4 / 8 (dividing warps, gemm_k_slices_ok): warps of a CTA split its K range
+                             // in groups of k_slices sharing their weight tiles (rows per CTA / k_slices)
 };
 
 // Weight tiles (16 rows) per warp of the decode-size kernel at m_tiles = 1, 2 and 4 (experiment knobs,
@@ -83,10 +85,21 @@ constexpr bool gemm_wide_ok(int m_tiles) { return m_tiles <= FLUTE_LUT_WIDE_MAX_
 constexpr bool gemm_x_ahead_variant(int bits, int m_tiles, int warps) {
   return bits == 4 && m_tiles == 1 && warps == kWideWarpsPerCta;
 }
-// Output rows per CTA, and CTAs along N, for a given N, m_tiles and warps per CTA.
+// Output rows per CTA, and CTAs along N, for a given N, m_tiles and warps per CTA (and K slices: the
+// warps of a CTA in groups of k_slices that share their tiles and split the CTA's K range).
 constexpr int gemm_rows_per_cta(int m_tiles, int warps) { return 16 * gemm_n_tiles_per_warp(m_tiles, warps) * warps; }
-inline int gemm_grid_x(int N, int m_tiles, int warps) {
-  return (N + gemm_rows_per_cta(m_tiles, warps) - 1) / gemm_rows_per_cta(m_tiles, warps);
+inline int gemm_grid_x(int N, int m_tiles, int warps, int k_slices = 1) {
+  const int rows = gemm_rows_per_cta(m_tiles, warps) / k_slices;
+  return (N + rows - 1) / rows;
+}
+// Whether the mma.sync kernel runs with k_slices (1, 2, 4 or 8, at most warps) for (bits, m_tiles, warps,
+// x_ahead): slices > 1 sum their partial tiles through each warp's drained cp.async ring (4 stages of
+// bits * 128 bytes per tile), which holds the m_tiles * 4 floats per lane and tile when m_tiles <= bits;
+// not in the 4-bit 8-warp m_tiles = 1 kernel without x-ahead (3 CTAs/SM at 80 registers: the slice
+// bookkeeping spills in its main loop; it runs the largest layers, which need no slices).
+constexpr bool gemm_k_slices_ok(int bits, int m_tiles, int warps, int x_ahead, int k_slices) {
+  return k_slices == 1 || ((k_slices == 2 || k_slices == 4 || k_slices == 8) && k_slices <= warps && m_tiles <= bits &&
+                           !(gemm_x_ahead_variant(bits, m_tiles, warps) && !x_ahead));
 }
 inline int gemm_m_chunks(int M, int m_tiles) { return (M + 8 * m_tiles - 1) / (8 * m_tiles); }
 

@@ -59,6 +59,7 @@ flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Te
   p.bits = (int)bits; p.group_size = (int)group_size;
   p.splits = (int)splits; p.chunks_per_split = (int)chunks_per_split; p.m_tiles = (int)m_tiles;
   p.dtype = dtype_of(x);
+  p.k_slices = 1;
   return p;
 }
 
@@ -66,16 +67,20 @@ flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Te
 void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
           const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
           int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles,
-          int64_t warps, int64_t x_ahead) {
+          int64_t warps, int64_t x_ahead, int64_t k_slices) {
   TORCH_CHECK(warps == flute::kWarpsPerCta || (warps == flute::kWideWarpsPerCta && flute::gemm_wide_ok((int)m_tiles)),
               "flute: warps=", warps, " must be ", flute::kWarpsPerCta, ", or ", flute::kWideWarpsPerCta,
               " with m_tiles <= ", FLUTE_LUT_WIDE_MAX_MT);
+  TORCH_CHECK(flute::gemm_k_slices_ok((int)bits, (int)m_tiles, (int)warps, (int)x_ahead, (int)k_slices),
+              "flute: k_slices=", k_slices, " is not built for bits=", bits, ", m_tiles=", m_tiles, ", warps=", warps,
+              ", x_ahead=", x_ahead, " (1, or 2 / 4 / 8 <= warps with m_tiles <= bits: flute_kernel.h gemm_k_slices_ok)");
   const int64_t M = x.size(0), N = out.size(1);
   const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
   flute::GemmParams p = gemm_params(x, x.size(1), qweight, scales, tables, out, workspace, counters, bits,
                                     group_size, splits, chunks_per_split, m_tiles, m_chunks * splits * 8 * m_tiles * N,
-                                    m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles, (int)warps));
+                                    m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles, (int)warps, (int)k_slices));
   p.warps = (int)warps;
+  p.k_slices = (int)k_slices;
   p.x_ahead = (int)x_ahead;
   const at::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = flute::launch_gemm(p, at::cuda::getCurrentCUDAStream());
@@ -147,6 +152,9 @@ int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "flute LUT-GEMM (kernel layout)");
+  m.def("k_slices_ok", [](int64_t bits, int64_t m_tiles, int64_t warps, int64_t x_ahead, int64_t k_slices) {
+    return flute::gemm_k_slices_ok((int)bits, (int)m_tiles, (int)warps, (int)x_ahead, (int)k_slices);
+  }, "whether the mma.sync kernel runs with k_slices for (bits, m_tiles, warps, x_ahead)");
   m.def("gemm_wgmma", &gemm_wgmma, "flute LUT-GEMM, sm_90a tensor-core path (kernel layout)");
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("wgmma_gather_max_rows", [] { return (int64_t)flute::kWgmmaGatherMaxRows; },

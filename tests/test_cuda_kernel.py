@@ -308,8 +308,10 @@ def test_randomized_sweep():
             mt = cuda_op.m_tiles_for(c["m"])
             warps = rng.choice([4, 8]) if cuda_op.wide_ok(mt) else 4
             x_ahead = rng.choice([0, 1]) if cuda_op.x_ahead_variant(c["bits"], mt, warps) else None
+            # K slices per CTA: any the kernel has
+            k_slices = rng.choice([s for s in cuda_op.K_SLICES if cuda_op.k_slices_ok(c["bits"], mt, warps, x_ahead or 0, s)])
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="lut", splits=splits, warps=warps,
-                               x_ahead=x_ahead)
+                               x_ahead=x_ahead, k_slices=k_slices)
         ref = _reference(x, qweight, scales, tables, ends, c["bits"], c["g"])
         err = _rel_err(out, ref) if torch.isfinite(out).all() else float("inf")
         key = (c["dtype"], c["bits"])
@@ -324,15 +326,23 @@ def test_randomized_sweep():
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("m, splits", [(5, 13), (12, 16), (24, 16), (5, 24)])
-def test_split_k_is_deterministic(dtype, bits, m, splits):
-    """Split-K sums (the last CTA to arrive adds the fp32 partials in split order) are bit-exact
-    across runs and match the reference, at m_tiles 1, 2 and 4 (M = 5, 12, 24)."""
+@pytest.mark.parametrize("m, splits, k_slices", [(5, 13, 1), (12, 16, 1), (24, 16, 1), (5, 24, 1), (5, 3, 8),
+                                                 (12, 5, 2), (5, 1, 4)])
+def test_split_k_is_deterministic(dtype, bits, m, splits, k_slices):
+    """Split-K sums (the last CTA to arrive adds the fp32 partials in split order) and K-slice sums
+    (in shared memory, in slice order) are bit-exact across runs and match the reference, at m_tiles
+    1, 2 and 4 (M = 5, 12, 24)."""
+    warps = 8 if k_slices == 8 else 4
+    mt = cuda_op.m_tiles_for(m)
+    x_ahead = 1 if cuda_op.x_ahead_variant(bits, mt, warps) else None
+    if not cuda_op.k_slices_ok(bits, mt, warps, x_ahead or 0, k_slices):
+        pytest.skip(f"no {k_slices} K slices at bits={bits}, M={m} (m_tiles <= bits)")
     gen = torch.Generator().manual_seed(7)
     qweight, scales, tables, ends = _make_layer([256, 128], 4096, bits, 128, dtype, ["nf", "random"], "cuda", gen)
     qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, bits, 128)
     x = torch.randn(m, 4096, device="cuda").to(dtype)
-    outs = [cuda_op.gemm(x, qk, sk, tk, bits, 128, force_path="lut", splits=splits) for _ in range(3)]
+    outs = [cuda_op.gemm(x, qk, sk, tk, bits, 128, force_path="lut", splits=splits, warps=warps, x_ahead=x_ahead,
+                         k_slices=k_slices) for _ in range(3)]
     assert all(torch.equal(outs[0], o) for o in outs[1:])
     ref = _reference(x, qweight, scales, tables, ends, bits, 128)
     assert _rel_err(outs[0], ref) < _tol(dtype)
@@ -552,6 +562,46 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
+def test_k_slices_plans_cpu():
+    """K slices (the warps of a CTA split its K range; no GPU needed): the H200 config's plans at M = 1
+    / 16 on the layers the K-slice sweep measured, the constraints a K-slice plan keeps, and the
+    refusal of slices a kernel does not have."""
+    cfg = {**cuda_op.resolve_config("NVIDIA H200", cuda_op._all_configs()), "sm_count": 132}
+    assert cfg["lut_k_slices"] == [1, 2, 4, 8]
+    resident = {(8, 1): 2, (8, 0): 3, (4, 1): 5, (4, 0): 5}  # (warps, x_ahead) at m_tiles 1; m_tiles 2: 2 / 4
+
+    def plan(m, n, k, **kw):
+        mt = cuda_op.m_tiles_for(m)
+        w = cuda_op.warps_for(4, mt, n, k, cfg)
+        xa = cuda_op.x_ahead_for(4, mt, w, n, k, cfg)
+        return cuda_op.plan(m, n, k, cfg, resident=resident[(w, xa)] if mt == 1 else (2 if w == 8 else 4), **kw)
+
+    # measured on H200 (configs/h200.json notes): 8B o / qkv at M = 1 run 8 slices, no split-K
+    for n, k in [(4096, 4096), (6144, 4096), (8192, 8192)]:
+        p = plan(1, n, k)
+        assert (p["k_slices"], p["splits"]) == (8, 1), (n, k, p)
+        assert p["grid_x"] == n // 32
+    assert plan(1, 28672, 4096)["k_slices"] == 2                      # 8B gate_up: 224 CTAs of 128 rows
+    assert plan(1, 57344, 8192)["k_slices"] == 1                      # 70B gate_up: its kernel has no slices
+    assert plan(16, 8192, 28672)["k_slices"] == 1                     # 70B down at M = 16: activations too large
+    for m, n, k in [(1, 4096, 4096), (16, 4096, 4096), (16, 8192, 8192), (8, 4096, 14336), (16, 28672, 4096)]:
+        p = plan(m, n, k)
+        nch = cuda_op._padded_k(k) // 64
+        assert p["splits"] * p["chunks_per_split"] >= nch > (p["splits"] - 1) * p["chunks_per_split"]
+        if p["k_slices"] > 1:
+            assert min(m, 8 * p["m_tiles"]) * 128 * p["chunks_per_split"] <= cfg["lut_k_slices_max_x_bytes"]
+            assert p["grid_x"] * p["splits"] * p["warps"] >= cfg["lut_k_slices_min_warps_per_sm"] * 132
+            assert p["grid_x"] == -(-n // (cuda_op.rows_per_cta(p["m_tiles"], p["warps"]) // p["k_slices"]))
+    # without lut_k_slices (other GPUs' configs) nothing changes
+    plain = {k: v for k, v in cfg.items() if k != "lut_k_slices"}
+    assert cuda_op.plan(1, 4096, 4096, plain, resident=2)["k_slices"] == 1
+    with pytest.raises(ValueError, match="k_slices=8"):
+        cuda_op.plan(16, 4096, 4096, cfg, bits=2, m_tiles=4, k_slices=8)       # m_tiles > bits
+    with pytest.raises(ValueError, match="k_slices=2"):
+        cuda_op.plan(1, 57344, 8192, cfg, warps=8, x_ahead=0, k_slices=2)      # the 80-register kernel
+    assert cuda_op.plan(1, 4096, 4096, cfg, warps=4, k_slices=4)["grid_x"] == 4096 // 32
+
+
 def test_kernels_compile_with_nvcc_cpu(tmp_path):
     """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build (and flute_gemm.cu with
     its experiment knobs changed); the wgmma kernels neither spill (one measured 4-byte exception) nor
