@@ -341,15 +341,18 @@ def main(argv=None):
     ap.add_argument("--tune-tc", default="", help="comma-separated shapes: tensor-core block_m x split-K sweep "
                     "at --tune-tc-ms")
     ap.add_argument("--tune-tc-ms", default="256,512", help="M values for --tune-tc")
+    ap.add_argument("--tune-bits", type=int, default=4, choices=[2, 3, 4], help="index bits of the --tune* sweeps")
     args = ap.parse_args(argv)
     if args.tune:
-        tune([t for t in args.tune.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")))
+        tune([t for t in args.tune.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")), bits=args.tune_bits)
         return
     if args.tune_ks:
-        tune_ks([t for t in args.tune_ks.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")))
+        tune_ks([t for t in args.tune_ks.split(",") if t], ms=tuple(int(m) for m in args.tune_ms.split(",")),
+                bits=args.tune_bits)
         return
     if args.tune_tc:
-        tune_tc([t for t in args.tune_tc.split(",") if t], ms=tuple(int(m) for m in args.tune_tc_ms.split(",")))
+        tune_tc([t for t in args.tune_tc.split(",") if t], ms=tuple(int(m) for m in args.tune_tc_ms.split(",")),
+                bits=args.tune_bits)
         return
     plan = "quick" if args.quick else args.plan
     gpu = gpu_name()

@@ -2,7 +2,8 @@
 
     compute-sanitizer --tool memcheck python3 tests/sanitizer_cases.py
 
-Every path (mma.sync LUT kernel with and without split-K, in 4- and (M <= 16) 8-warp CTAs; sm_90a
+Every path (mma.sync LUT kernel with and without split-K, in 4- and (M <= 16) 8-warp CTAs, with K
+slices where the kernel has them; sm_90a
 wgmma kernel with split-K and each block_m where available; dequantize, whole and by row slabs) on
 small ragged shapes (K % 64 == 32, N not a multiple of
 the CTA's rows, odd M), each checked against the float32 reference.
@@ -32,6 +33,13 @@ for bits in (2, 3, 4):
             runs += [dict(force_path="lut", warps=8), dict(force_path="lut", warps=8, splits=3)]
         if cuda_op.x_ahead_variant(bits, cuda_op.m_tiles_for(m), 8):
             runs += [dict(force_path="lut", warps=8, x_ahead=1), dict(force_path="lut", warps=8, splits=3, x_ahead=1)]
+        mt = cuda_op.m_tiles_for(m)
+        for warps, xa in ((4, None), (8, 1)):
+            if warps == 8 and not cuda_op.wide_ok(mt):
+                continue
+            xa = xa if cuda_op.x_ahead_variant(bits, mt, warps) else None
+            runs += [dict(force_path="lut", warps=warps, x_ahead=xa, k_slices=ks, splits=s)
+                     for ks in cuda_op.K_SLICES[1:] if cuda_op.k_slices_ok(bits, mt, warps, xa or 0, ks) for s in (1, 2)]
         if cuda_op.tc_available(0):
             runs += [dict(force_path="tc", block_m=b, splits=s) for b in cuda_op.TC_BLOCK_MS for s in (1, 4)]
         for kw in runs:

@@ -261,30 +261,34 @@ def test_resume_runs_only_the_missing_shape_jobs_and_writes_after_each(tmp_path,
     assert len(calls) == 2 and len(json.loads((tmp_path / "GPU_X.json").read_text())) == 2
 
 
-def test_tune_sweeps_time_each_option_and_print_the_plan(monkeypatch, capsys):
-    """--tune / --tune-tc on the CPU: every (path, block_m, split) cell is one timed gemm call with
-    those options, and the row names the heuristic's plan (GPU timing replaced by a stand-in)."""
+def _stub_tune_gpu(monkeypatch, cfg: dict) -> list:
+    """The --tune* sweeps without a GPU: weight copies, gemm calls (recorded: the returned list gets
+    each call's options) and the graph timer (a stand-in time) replaced."""
     calls = []
 
     class FakeLayer:
         def __init__(self, n, k, bits, g, dtype):
             self.copies = [("q", "s", "t")]
 
-    def fake_gemm(x, q, s, t, bits, g, **kw):
-        calls.append(kw)
-
     def fake_time_graph(fns, iters):
         for f in fns:
             f()
         return 10.0 + len(calls)
 
-    cfg = {"sm_count": 132, "cta_overhead_chunks": 2.0, "tc_overhead_chunks": [[128, 2.0], [256, 16.0]],
-           "min_chunks_per_split": 4, "max_splits": 32, "tc_block_m": [[64, 64], [128, 128], [1 << 30, 256]]}
     monkeypatch.setattr(kernel, "Layer", FakeLayer)
     monkeypatch.setattr(kernel, "time_graph", fake_time_graph)
-    monkeypatch.setattr(kernel.cuda_op, "gemm", fake_gemm)
+    monkeypatch.setattr(kernel.cuda_op, "gemm", lambda x, q, s, t, bits, g, **kw: calls.append(kw))
     monkeypatch.setattr(kernel.cuda_op, "device_config", lambda dev: cfg)
     monkeypatch.setattr(kernel.torch, "randn", lambda *a, device=None, **kw: torch.zeros(a))
+    return calls
+
+
+def test_tune_sweeps_time_each_option_and_print_the_plan(monkeypatch, capsys):
+    """--tune / --tune-tc on the CPU: every (path, block_m, split) cell is one timed gemm call with
+    those options, and the row names the heuristic's plan (GPU timing replaced by a stand-in)."""
+    cfg = {"sm_count": 132, "cta_overhead_chunks": 2.0, "tc_overhead_chunks": [[128, 2.0], [256, 16.0]],
+           "min_chunks_per_split": 4, "max_splits": 32, "tc_block_m": [[64, 64], [128, 128], [1 << 30, 256]]}
+    calls = _stub_tune_gpu(monkeypatch, cfg)
     kernel.tune_tc(["8B-gate_up"], ms=(256,), block_ms=(128, 256), splits=(1, 2))
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("tune_tc 8B-gate_up") and "M=256" in out[0]
@@ -301,3 +305,19 @@ def test_tune_sweeps_time_each_option_and_print_the_plan(monkeypatch, capsys):
     assert line.startswith("tune 8B-o") and "auto=3:" in line and "dense:" in line and "mt8:" in line
     paths = [c.get("force_path") for c in calls]
     assert paths == ["lut"] * 3 + ["tc"] * len(kernel.cuda_op.TC_BLOCK_MS) + ["lut", "lut", "dense"]
+
+
+def test_tune_ks_times_each_k_slice_and_split(monkeypatch, capsys):
+    """--tune-ks on the CPU: the plan's own time first, then one timed gemm call per (K slices,
+    split) cell that the plan's kernel has (GPU timing replaced by a stand-in)."""
+    calls = _stub_tune_gpu(monkeypatch, {"sm_count": 132})
+    monkeypatch.setattr(kernel.cuda_op, "device_plan", lambda m, n, k, bits, dtype, dev, c: {
+        "k_slices": 8, "splits": 1, "m_tiles": 1, "warps": 8, "x_ahead": 1})
+    kernel.tune_ks(["8B-o"], ms=(1,), k_slices=(1, 8), splits=(1, 2))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("tune_ks 8B-o") and "plan=ks8/s1:" in line and "ks8/2:" in line
+    assert [(c.get("k_slices"), c.get("splits")) for c in calls] == [(None, None), (1, 1), (1, 2), (8, 1), (8, 2)]
+    assert all(c["force_path"] == "lut" for c in calls)
+    calls.clear()
+    kernel.tune_ks(["8B-o"], ms=(1,), k_slices=(1, 8), splits=(1,), bits=3)  # 3-bit 8-warp m_tiles 1: slices too
+    assert [(c.get("k_slices"), c.get("splits")) for c in calls] == [(None, None), (1, 1), (8, 1)]
