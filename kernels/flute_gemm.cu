@@ -7,7 +7,8 @@
 //   NT    16-row weight tiles per warp (1 or 2): reuse of activation fragments
 //   W     warps per CTA (4; 8 at MT <= 2 for large layers: one conflict-free pair table for 8 warps)
 //   T     activation type (half / bf16)
-// runtime: M, N, K, group size, split-K.
+// runtime: M, N, K, group size, split-K (CTAs along K, summed by the last CTA to arrive), K slices
+// (warps of a CTA in groups that share their tiles and split the CTA's K range, summed in shared memory).
 //
 // Each warp computes Y^T tiles with mma.sync.m16n8k16: A = dequantized weights (16 rows x 16 k),
 // B = activations (loaded straight from global/L1 in fragment order; the kernel layout permutes K
