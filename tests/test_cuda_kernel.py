@@ -6,11 +6,15 @@ packs, so a layout bug shows on CI even without a GPU.
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 import shutil
+import statistics
 import subprocess
-import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -600,6 +604,37 @@ def test_k_slices_plans_cpu():
     with pytest.raises(ValueError, match="k_slices=2"):
         cuda_op.plan(1, 57344, 8192, cfg, warps=8, x_ahead=0, k_slices=2)      # the 80-register kernel
     assert cuda_op.plan(1, 4096, 4096, cfg, warps=4, k_slices=4)["grid_x"] == 4096 // 32
+
+
+def test_k_slices_plans_against_h200_measurements_cpu():
+    """The H200 config's (k_slices, splits) plans replayed on the K-slice sweep measured on H200
+    (benchmarks/results/tune_ks_NVIDIA_H200.json: us per call for k_slices 1/2/4/8 x splits
+    1/2/4/8/16, 10 layers, M = 1 and 16): where the plan picks a measured cell it is within 20% of
+    the best cell, and within 5% over all of them (geo-mean); the plans before K slices were 1.10x."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from kernel import SHAPES
+
+    cfg = {**cuda_op.resolve_config("NVIDIA H200", cuda_op._all_configs()), "sm_count": 132}
+    data = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
+                       "tune_ks_NVIDIA_H200.json").read_text())
+    ratios, before = [], []
+    for r in data["records"]:
+        n, k = SHAPES[r["shape"]]
+        mt = cuda_op.m_tiles_for(r["M"])
+        w = cuda_op.warps_for(4, mt, n, k, cfg)
+        xa = cuda_op.x_ahead_for(4, mt, w, n, k, cfg)
+        resident = ({(8, 1): 2, (8, 0): 3}.get((w, xa), 5) if mt == 1 else (2 if w == 8 else 4))  # ctas_per_sm on H200
+        p = cuda_op.plan(r["M"], n, k, cfg, resident=resident)
+        best = min(r["us"].values())
+        got = r["us"].get(f"{p['k_slices']}/{p['splits']}")
+        if got is not None:
+            assert got <= 1.2 * best, (r["shape"], r["M"], p, got, best)
+            ratios.append(got / best)
+        old = r["us"].get(r["plan_v16"].replace("ks", "").replace("s", ""))
+        if old is not None:
+            before.append(old / best)
+    assert len(ratios) >= 15
+    assert statistics.geometric_mean(ratios) <= 1.05 < statistics.geometric_mean(before)
 
 
 def test_kernels_compile_with_nvcc_cpu(tmp_path):
