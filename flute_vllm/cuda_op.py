@@ -435,30 +435,29 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
     if k_slices is not None and not k_slices_ok(bits, mt, w, xa, k_slices):
         _fail(f"k_slices={k_slices} is not built for bits={bits}, m_tiles={mt}, warps={w}, x_ahead={xa} "
               f"(1, or 2 / 4 / 8 <= warps with m_tiles <= bits, not the 4-bit 8-warp m_tiles=1 kernel without x-ahead)")
-    options = [k_slices] if k_slices is not None else [
-        s for s in (cfg.get("lut_k_slices") or [1]) if k_slices_ok(bits, mt, w, xa, s)] or [1]
+    # the K slices to weigh: the caller's, or 1 and those of the config that the kernel has
+    options = [k_slices] if k_slices is not None else sorted(
+        {1} | {s for s in cfg.get("lut_k_slices") or () if k_slices_ok(bits, mt, w, xa, s)})
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K
+    slots, overhead = cfg["sm_count"] * (resident or 4), float(cfg.get("cta_overhead_chunks", 2.0))
     reduce = tuple(float(v) for v in (cfg.get("lut_split_reduce_chunks") or (0.0, 0.0)))
     x_row_bytes = min(m, 8 * mt) * CHUNK_K * 2  # activation bytes of one chunk that a CTA reads
+    max_x_bytes = int(cfg.get("lut_k_slices_max_x_bytes", 1 << 30))
+    min_warps = float(cfg.get("lut_k_slices_min_warps_per_sm", 0)) * cfg["sm_count"]
     best = None
     for ks in options:
         grid_x = -(-n // (rows_per_cta(mt, w) // ks))
-        min_splits = 1
-        if ks > 1 and k_slices is None and splits is None:
-            # the split count that keeps a CTA's activations within the limit
-            cps_max = max(1, int(cfg.get("lut_k_slices_max_x_bytes", 1 << 30)) // x_row_bytes)
-            min_splits = -(-nch // cps_max)
-        slots, overhead = cfg["sm_count"] * (resident or 4), float(cfg.get("cta_overhead_chunks", 2.0))
+        chosen = k_slices is not None or ks == 1  # no limits on the plain plan or on the caller's choice
+        # at least the split count that keeps a CTA's activations within the limit
+        min_splits = 1 if chosen or splits is not None else -(-nch // max(1, max_x_bytes // x_row_bytes))
         # (without K slices the split count is the plain wave model's, as calibrated before K slices
         # existed; the reduction's tail enters only the comparison with the K-slice plans)
         sp, cps, _ = _split_k(grid_x * m_chunks, nch, cfg, slots, overhead, splits, ks,
                               reduce if ks > 1 else (0.0, 0.0), min_splits)
-        cost = _wave_cost(grid_x * m_chunks, nch, sp, slots, overhead, ks, reduce)
-        if (ks > 1 and k_slices is None and
-                (cps * x_row_bytes > int(cfg.get("lut_k_slices_max_x_bytes", 1 << 30))
-                 or grid_x * m_chunks * sp * w < float(cfg.get("lut_k_slices_min_warps_per_sm", 0)) * cfg["sm_count"])):
+        if not chosen and (cps * x_row_bytes > max_x_bytes or grid_x * m_chunks * sp * w < min_warps):
             continue
+        cost = _wave_cost(grid_x * m_chunks, nch, sp, slots, overhead, ks, reduce)
         if best is None or cost < best[0] - 1e-9:
             best = (cost, {"m_tiles": mt, "warps": w, "x_ahead": xa, "k_slices": ks, "splits": sp,
                            "chunks_per_split": cps, "grid_x": grid_x, "m_chunks": m_chunks})
