@@ -565,7 +565,6 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
         cuda_op.plan_tc(100, 4096, 4096, cfg, block_m=96)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
 def test_k_slices_plans_cpu():
     """K slices (the warps of a CTA split its K range; no GPU needed): the H200 config's plans at M = 1
     / 16 on the layers the K-slice sweep measured, the constraints a K-slice plan keeps, and the
@@ -637,6 +636,7 @@ def test_k_slices_plans_against_h200_measurements_cpu():
     assert statistics.geometric_mean(ratios) <= 1.05 < statistics.geometric_mean(before)
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
 def test_kernels_compile_with_nvcc_cpu(tmp_path):
     """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build (and flute_gemm.cu with
     its experiment knobs changed); the wgmma kernels neither spill (one measured 4-byte exception) nor
