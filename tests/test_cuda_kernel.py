@@ -565,19 +565,29 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
         cuda_op.plan_tc(100, 4096, 4096, cfg, block_m=96)
 
 
+def _h200_config() -> dict:
+    return {**cuda_op.resolve_config("NVIDIA H200", cuda_op._all_configs()), "sm_count": 132}
+
+
+def _h200_plan(cfg: dict, m: int, n: int, k: int, **kw) -> dict:
+    """cuda_op.plan of a 4-bit layer as on H200 (no GPU needed): the kernel's resident CTAs per SM
+    there (ctas_per_sm) for the warps and x-ahead variant the config picks."""
+    mt = cuda_op.m_tiles_for(m)
+    w = cuda_op.warps_for(4, mt, n, k, cfg)
+    xa = cuda_op.x_ahead_for(4, mt, w, n, k, cfg)
+    resident = ({(8, 1): 2, (8, 0): 3}.get((w, xa), 5) if mt == 1 else (2 if w == 8 else 4))
+    return cuda_op.plan(m, n, k, cfg, resident=resident, **kw)
+
+
 def test_k_slices_plans_cpu():
     """K slices (the warps of a CTA split its K range; no GPU needed): the H200 config's plans at M = 1
     / 16 on the layers the K-slice sweep measured, the constraints a K-slice plan keeps, and the
     refusal of slices a kernel does not have."""
-    cfg = {**cuda_op.resolve_config("NVIDIA H200", cuda_op._all_configs()), "sm_count": 132}
+    cfg = _h200_config()
     assert cfg["lut_k_slices"] == [1, 2, 4, 8]
-    resident = {(8, 1): 2, (8, 0): 3, (4, 1): 5, (4, 0): 5}  # (warps, x_ahead) at m_tiles 1; m_tiles 2: 2 / 4
 
     def plan(m, n, k, **kw):
-        mt = cuda_op.m_tiles_for(m)
-        w = cuda_op.warps_for(4, mt, n, k, cfg)
-        xa = cuda_op.x_ahead_for(4, mt, w, n, k, cfg)
-        return cuda_op.plan(m, n, k, cfg, resident=resident[(w, xa)] if mt == 1 else (2 if w == 8 else 4), **kw)
+        return _h200_plan(cfg, m, n, k, **kw)
 
     # measured on H200 (configs/h200.json notes): 8B o / qkv at M = 1 run 8 slices, no split-K
     for n, k in [(4096, 4096), (6144, 4096), (8192, 8192)]:
@@ -613,17 +623,13 @@ def test_k_slices_plans_against_h200_measurements_cpu():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from kernel import SHAPES
 
-    cfg = {**cuda_op.resolve_config("NVIDIA H200", cuda_op._all_configs()), "sm_count": 132}
+    cfg = _h200_config()
     data = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
                        "tune_ks_NVIDIA_H200.json").read_text())
     ratios, before = [], []
     for r in data["records"]:
         n, k = SHAPES[r["shape"]]
-        mt = cuda_op.m_tiles_for(r["M"])
-        w = cuda_op.warps_for(4, mt, n, k, cfg)
-        xa = cuda_op.x_ahead_for(4, mt, w, n, k, cfg)
-        resident = ({(8, 1): 2, (8, 0): 3}.get((w, xa), 5) if mt == 1 else (2 if w == 8 else 4))  # ctas_per_sm on H200
-        p = cuda_op.plan(r["M"], n, k, cfg, resident=resident)
+        p = _h200_plan(cfg, r["M"], n, k)
         best = min(r["us"].values())
         got = r["us"].get(f"{p['k_slices']}/{p['splits']}")
         if got is not None:
