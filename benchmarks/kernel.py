@@ -271,10 +271,8 @@ def tune_ks(names, ms=(1, 16), k_slices=(1, 2, 4, 8), splits=(1, 2, 4, 8, 16), d
         auto = cuda_op.device_plan(m, n, k, bits, dtype, 0, cfg)
         cells = [f"plan=ks{auto['k_slices']}/s{auto['splits']}:{timed(200, force_path='lut'):.1f}"]
         for ks in k_slices:
-            xa = auto["x_ahead"]
-            if not cuda_op.k_slices_ok(bits, auto["m_tiles"], auto["warps"], xa, ks):
-                continue
-            cells += [f"ks{ks}/{sp}:{timed(200, force_path='lut', k_slices=ks, splits=sp):.1f}" for sp in splits]
+            if cuda_op.k_slices_ok(bits, auto["m_tiles"], auto["warps"], auto["x_ahead"], ks):
+                cells += [f"ks{ks}/{sp}:{timed(200, force_path='lut', k_slices=ks, splits=sp):.1f}" for sp in splits]
         return cells
 
     _sweep("tune_ks", names, ms, dtype, bits, g, cells_for)

@@ -297,8 +297,8 @@ def _wave_cost(ctas: int, nch: int, splits: int, slots: int, overhead: float, k_
 
 
 def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits: Optional[int],
-             k_slices: int = 1, reduce: tuple[float, float] = (0.0, 0.0), min_splits: int = 1) -> tuple[int, int, float]:
-    """(splits, chunks per split, model cost) for ``ctas`` CTAs of ``nch`` 64-wide K chunks each.
+             k_slices: int = 1, reduce: tuple[float, float] = (0.0, 0.0), min_splits: int = 1) -> tuple[int, int]:
+    """(splits, chunks per split) for ``ctas`` CTAs of ``nch`` 64-wide K chunks each.
 
     Unless given, split-K minimises :func:`_wave_cost` over splits >= ``min_splits``, with at least
     ``min_chunks_per_split`` chunks per split (per K slice of a CTA). No split when the counters
@@ -317,8 +317,7 @@ def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits
     if ctas > COUNTER_SLOTS:
         splits = 1
     cps = -(-nch // splits)
-    splits = -(-nch // cps)
-    return splits, cps, _wave_cost(ctas, nch, splits, slots, overhead, k_slices, reduce)
+    return -(-nch // cps), cps
 
 
 @lru_cache(maxsize=None)  # a property of the loaded build: asked once, not on every gemm call
@@ -453,8 +452,8 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
         min_splits = 1 if chosen or splits is not None else -(-nch // max(1, max_x_bytes // x_row_bytes))
         # (without K slices the split count is the plain wave model's, as calibrated before K slices
         # existed; the reduction's tail enters only the comparison with the K-slice plans)
-        sp, cps, _ = _split_k(grid_x * m_chunks, nch, cfg, slots, overhead, splits, ks,
-                              reduce if ks > 1 else (0.0, 0.0), min_splits)
+        sp, cps = _split_k(grid_x * m_chunks, nch, cfg, slots, overhead, splits, ks,
+                           reduce if ks > 1 else (0.0, 0.0), min_splits)
         if not chosen and (cps * x_row_bytes > max_x_bytes or grid_x * m_chunks * sp * w < min_warps):
             continue
         cost = _wave_cost(grid_x * m_chunks, nch, sp, slots, overhead, ks, reduce)
@@ -531,8 +530,8 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     grid_y = -(-m // block_m)
     nch = _padded_k(k) // CHUNK_K
     resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
-    splits, cps, _ = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
-                              tc_overhead_chunks(cfg, block_m), splits)
+    splits, cps = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
+                           tc_overhead_chunks(cfg, block_m), splits)
     return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y}
 
 

@@ -152,9 +152,6 @@ int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype, int
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "flute LUT-GEMM (kernel layout)");
-  m.def("k_slices_ok", [](int64_t bits, int64_t m_tiles, int64_t warps, int64_t x_ahead, int64_t k_slices) {
-    return flute::gemm_k_slices_ok((int)bits, (int)m_tiles, (int)warps, (int)x_ahead, (int)k_slices);
-  }, "whether the mma.sync kernel runs with k_slices for (bits, m_tiles, warps, x_ahead)");
   m.def("gemm_wgmma", &gemm_wgmma, "flute LUT-GEMM, sm_90a tensor-core path (kernel layout)");
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("wgmma_gather_max_rows", [] { return (int64_t)flute::kWgmmaGatherMaxRows; },
