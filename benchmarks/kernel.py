@@ -339,6 +339,8 @@ def main(argv=None):
     ap.add_argument("--tune-tc", default="", help="comma-separated shapes: tensor-core block_m x split-K sweep "
                     "at --tune-tc-ms")
     ap.add_argument("--tune-tc-ms", default="256,512", help="M values for --tune-tc")
+    ap.add_argument("--tune-tc-splits", default="1,2,3,4", help="split-K counts of the --tune-tc sweep")
+    ap.add_argument("--tune-tc-block-ms", default="64,128,256", help="block_m values of the --tune-tc sweep")
     ap.add_argument("--tune-bits", type=int, default=4, choices=[2, 3, 4], help="index bits of the --tune* sweeps")
     args = ap.parse_args(argv)
     if args.tune:
@@ -350,7 +352,8 @@ def main(argv=None):
         return
     if args.tune_tc:
         tune_tc([t for t in args.tune_tc.split(",") if t], ms=tuple(int(m) for m in args.tune_tc_ms.split(",")),
-                bits=args.tune_bits)
+                splits=tuple(int(s) for s in args.tune_tc_splits.split(",")),
+                block_ms=tuple(int(b) for b in args.tune_tc_block_ms.split(",")), bits=args.tune_bits)
         return
     plan = "quick" if args.quick else args.plan
     gpu = gpu_name()

@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
+#include <type_traits>
 
 namespace flute {
 namespace {
@@ -114,6 +115,61 @@ template <> struct TypeOps<float> {
   static __device__ __forceinline__ float to_float(float v) { return v; }
   static __device__ __forceinline__ float from_float(float v) { return v; }
 };
+
+// The split-K sum of the last CTA to arrive (both kernels): out[ml][n] = sum over sp, in split order
+// (deterministic), of part[sp * split_stride + ml * N + n] for the tile's ml < mvalid, n < nvalid
+// (nvalid % 4 == 0), 4 consecutive n per unit, converted to T once. U units per thread at a time and
+// their loads SB splits deep are issued before any is used, so U * SB float4 loads are in flight per
+// thread: this sum is one CTA's serial work after every split finished. The v17 loops (one unit per
+// thread, 1 (wgmma) or 4 (mma.sync) loads in flight, each iteration waiting an L2 round trip) made
+// split-K cost most of a small layer's time at block_m 256; v18 A/B on H200 (11 shapes, M = 32 / 64 /
+// 256, wgmma kernel): 0.926x the time, 8B o M=256 45.4 -> 35.0 us (kernels/NOTES.md).
+template <typename T, int U, int SB>
+__device__ __forceinline__ void splitk_sum_tile(const float* part, size_t split_stride, int splits, T* out, int N,
+                                                int mvalid, int nvalid, int tid, int nthreads) {
+  struct alignas(4 * sizeof(T)) Vec4 { T v[4]; };
+  const int cols = nvalid >> 2;
+  const int units = mvalid * cols;
+  for (int u0 = tid; u0 < units; u0 += U * nthreads) {
+    int off[U];
+    bool ok[U];
+    float4 v[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const int u = u0 + j * nthreads;
+      ok[j] = u < units;
+      off[j] = ok[j] ? (u / cols) * N + 4 * (u % cols) : 0;
+      v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    auto add_from = [&](int sp0, auto depth) {
+      constexpr int D = decltype(depth)::value;
+      float4 a[U][D];
+#pragma unroll
+      for (int j = 0; j < U; ++j)
+#pragma unroll
+        for (int q = 0; q < D; ++q)
+          if (ok[j]) a[j][q] = __ldcg(reinterpret_cast<const float4*>(part + (sp0 + q) * split_stride + off[j]));
+#pragma unroll
+      for (int j = 0; j < U; ++j)
+#pragma unroll
+        for (int q = 0; q < D; ++q)
+          if (ok[j]) { v[j].x += a[j][q].x; v[j].y += a[j][q].y; v[j].z += a[j][q].z; v[j].w += a[j][q].w; }
+    };
+    int sp = 0;
+    for (; sp + SB <= splits; sp += SB) add_from(sp, std::integral_constant<int, SB>{});
+    for (; sp < splits; ++sp) add_from(sp, std::integral_constant<int, 1>{});
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      if (!ok[j]) continue;
+      Vec4 r;
+      r.v[0] = TypeOps<T>::from_float(v[j].x);
+      r.v[1] = TypeOps<T>::from_float(v[j].y);
+      r.v[2] = TypeOps<T>::from_float(v[j].z);
+      r.v[3] = TypeOps<T>::from_float(v[j].w);
+      *reinterpret_cast<Vec4*>(out + off[j]) = r;
+    }
+  }
+}
 
 // a * s2 on two 16-bit lanes (scale folded into decoded weights: one extra rounding).
 template <typename T> __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t s2);

@@ -485,40 +485,14 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
   int* counter = p.counters + blockIdx.z * gridDim.x + blockIdx.x;
   if (!splitk_arrive_last(counter, p.splits)) return;
   {
-    // Sum the partials of this CTA's rows [n0, n0 + rows) x act rows [m0, m0 + 8*MT) in split
-    // order (deterministic), 4 consecutive n per thread, many independent loads in flight.
+    // Sum the partials of this CTA's rows [n0, n0 + rows) x act rows [m0, m0 + 8*MT) in split order.
     const int rows = 16 * NT * tile_warps;
     const int n0 = blockIdx.x * rows;
     const int nvalid = min(rows, p.N - n0);
     const int mvalid = min((int)mrows, p.M - m0);
-    const int units = mvalid * (nvalid >> 2);
-    for (int u = threadIdx.x; u < units; u += blockDim.x) {
-      const int ml = u / (nvalid >> 2);
-      const int n = n0 + 4 * (u % (nvalid >> 2));
-      const float* src = ws_z + (size_t)ml * p.N + n;
-      const size_t stride = mrows * p.N;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      int sp = 0;
-      for (; sp + 4 <= p.splits; sp += 4) {
-        float4 a0 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 0) * stride));
-        float4 a1 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 1) * stride));
-        float4 a2 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 2) * stride));
-        float4 a3 = __ldcg(reinterpret_cast<const float4*>(src + (sp + 3) * stride));
-        v.x += a0.x; v.y += a0.y; v.z += a0.z; v.w += a0.w;
-        v.x += a1.x; v.y += a1.y; v.z += a1.z; v.w += a1.w;
-        v.x += a2.x; v.y += a2.y; v.z += a2.z; v.w += a2.w;
-        v.x += a3.x; v.y += a3.y; v.z += a3.z; v.w += a3.w;
-      }
-      for (; sp < p.splits; ++sp) {
-        float4 a0 = __ldcg(reinterpret_cast<const float4*>(src + sp * stride));
-        v.x += a0.x; v.y += a0.y; v.z += a0.z; v.w += a0.w;
-      }
-      T* o = out + (size_t)(m0 + ml) * p.N + n;
-      o[0] = Ops::from_float(v.x);
-      o[1] = Ops::from_float(v.y);
-      o[2] = Ops::from_float(v.z);
-      o[3] = Ops::from_float(v.w);
-    }
+    // (M <= 8: one unit per thread at most, 8 splits deep; else 2 units, 4 deep: 8 loads in flight.)
+    splitk_sum_tile<T, MT == 1 ? 1 : 2, MT == 1 ? 8 : 4>(ws_z + n0, mrows * p.N, p.splits, out + (size_t)m0 * p.N + n0,
+                                                         p.N, mvalid, nvalid, threadIdx.x, blockDim.x);
   }
   if (threadIdx.x == 0) *counter = 0;
 }

@@ -49,6 +49,9 @@ constexpr int kWgmmaTiles = 8;    // 16-row weight tiles per CTA (one per consum
 // 0.959x the time at M = 64 / 128 (BN = 64) and 0.914x at M = 8 (BN = 8); the v6 mixed decode
 // (a[2], a[3] of odd k-steps by byte permutes) on top: no further gain (0.958x / 0.926x).
 template <int BN> constexpr int wgmma_pair_copies() { return BN <= 64 ? 32 : 16; }
+// (v18 A/B on H200, 8 shapes, M = 64 / 128 / 256: the byte-permute decode instead of the pair table
+// at BN >= 64, where the pair-table lookups share the shared-memory pipe with wgmma's B reads, was
+// 1.052x the time.)
 template <int BITS, int BN> struct WgmmaStages {
   static constexpr int value = BN == 64 ? (BITS == 4 ? 6 : 8) : BN == 128 ? (BITS == 4 ? 4 : 5) : 5;
 };
@@ -579,23 +582,11 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   const int n0 = blockIdx.x * kWgmmaTiles * 16;
   const int nvalid = min(kWgmmaTiles * 16, p.N - n0);
   const int mvalid = min(BN, p.M - m0);
-  const int units = mvalid * (nvalid >> 2);
-  const size_t stride = (size_t)p.M * p.N;
-  for (int u = tid; u < units; u += wgmma_threads<BN>()) {
-    const int ml = u / (nvalid >> 2);
-    const int n = n0 + 4 * (u % (nvalid >> 2));
-    const float* src = ws + (size_t)(m0 + ml) * p.N + n;
-    float4 v = __ldcg(reinterpret_cast<const float4*>(src));
-    for (int sp = 1; sp < p.splits; ++sp) {
-      const float4 a4 = __ldcg(reinterpret_cast<const float4*>(src + sp * stride));
-      v.x += a4.x; v.y += a4.y; v.z += a4.z; v.w += a4.w;
-    }
-    T* o = out + (size_t)(m0 + ml) * p.N + n;
-    o[0] = TypeOps<T>::from_float(v.x);
-    o[1] = TypeOps<T>::from_float(v.y);
-    o[2] = TypeOps<T>::from_float(v.z);
-    o[3] = TypeOps<T>::from_float(v.w);
-  }
+  // (16 loads in flight per thread at BN >= 64; 8 in the producer-warp kernels, whose 96-register cap
+  // spilled with more.)
+  constexpr int U = wgmma_producer<BN>() ? 1 : 4;
+  splitk_sum_tile<T, U, U == 1 ? 8 : 4>(ws + (size_t)m0 * p.N + n0, (size_t)p.M * p.N, p.splits,
+                                        out + (size_t)m0 * p.N + n0, p.N, mvalid, nvalid, tid, wgmma_threads<BN>());
   if (tid == 0) *counter = 0;
 #else
   __trap();  // built without sm_90a: the host never launches this (wgmma_supported() is false)

@@ -642,6 +642,35 @@ def test_k_slices_plans_against_h200_measurements_cpu():
     assert statistics.geometric_mean(ratios) <= 1.05 < statistics.geometric_mean(before)
 
 
+def test_tc_split_plans_against_h200_measurements_cpu():
+    """The H200 config's tensor-core plans replayed on the block_m x split-K sweep measured on H200
+    (benchmarks/results/tune_tc_NVIDIA_H200.json, kernel v18, 14 layers at M = 64 / 128 / 256): the
+    picked cell is within 6% of the best measured split at the picked block_m, within 2% over all of
+    them (geo-mean); the v17 model (no reduction tail) split layers that fill the GPU already."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from kernel import SHAPES
+
+    cfg = _h200_config()
+    v17 = {**cfg, "tc_overhead_chunks": [[128, 2.0], [256, 16.0]], "tc_split_reduce_chunks": None}
+    data = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
+                       "tune_tc_NVIDIA_H200.json").read_text())
+
+    def replay(c):
+        ratios = []
+        for r in data["records"]:
+            n, k = SHAPES[r["shape"]]
+            p = cuda_op.plan_tc(r["M"], n, k, c)
+            best = min(v for key, v in r["us"].items() if key.startswith(f"{p['block_m']}/"))
+            got = r["us"].get(f"{p['block_m']}/{p['splits']}")
+            if got is not None:
+                ratios.append(got / best)
+        return ratios
+
+    ratios, before = replay(cfg), replay(v17)
+    assert len(ratios) >= 20 and max(ratios) <= 1.06, ratios
+    assert statistics.geometric_mean(ratios) <= 1.02 < statistics.geometric_mean(before)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
 def test_kernels_compile_with_nvcc_cpu(tmp_path):
     """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build (and flute_gemm.cu with
