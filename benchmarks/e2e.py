@@ -441,7 +441,8 @@ def write_results(records: list[dict], out_dir: Path, name: str, suffix: str = "
         unit = "device" if records[0]["device"] != "cpu" else "CPU operator"
         lines += ["", f"{unit} time per decode step by kernel class, ms (torch.profiler over eager steps; "
                   "`flute`: our kernels, `gemm`: cuBLAS incl. lm_head, `other`: norms, rotary, cache writes, "
-                  "elementwise, sampling):", "",
+                  "elementwise, sampling; the profiler adds a few us to every kernel it traces, so short kernels "
+                  "read long here: use the shares, and ms/step for totals):", "",
                   "| variant | batch | " + " | ".join(classes) + " | sum | ms/step |",
                   "|---|---|" + "---|" * (len(classes) + 2)]
         for r in records:
