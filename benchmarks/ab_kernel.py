@@ -9,6 +9,11 @@ Prints µs per case and variant, and the geo-mean time ratio of each variant to 
 
     python benchmarks/ab_kernel.py -v base= -v s8=-DFLUTE_LUT_STAGES=8 -v mix=-DFLUTE_LUT_MIXED_MIN_MT=1 \\
         --ms 1,16 --bits 4 --out /tmp/ab.json
+
+A variant's flags may also name another copy of ``kernels/`` with ``--src=DIR`` (``-v old=--src=out/v17``):
+that variant builds from DIR (``$FLUTE_VLLM_KERNEL_DIR``), e.g. the last commit's kernels against a
+restructured working tree that no flag can switch (``mkdir -p out/v17 && git archive HEAD kernels | tar -x -C out/v17 --strip-components 1``;
+the binding's interface must match this tree's Python side; carry DIR to the GPU machine).
 """
 from __future__ import annotations
 
@@ -51,6 +56,17 @@ def parse_variant(spec: str) -> tuple[str, str]:
         raise ValueError(f"--variant {spec!r}: use NAME=FLAGS or NAME@OPTS=FLAGS (OPTS: comma-separated "
                          f"{', '.join(VARIANT_OPTIONS)}), e.g. s8=-DFLUTE_LUT_STAGES=8 or xa@xa1= (FLAGS may be empty)")
     return name.strip(), flags.strip()
+
+
+def split_src(flags: str) -> tuple[str, str]:
+    """``"--src=DIR -DX=1"`` -> (``"-DX=1"``, absolute DIR): the nvcc flags and the kernel source directory
+    of a variant ("" for this tree's kernels/)."""
+    toks = flags.split()
+    srcs = [t[len("--src="):] for t in toks if t.startswith("--src=")]
+    if len(srcs) > 1 or any(not s for s in srcs):
+        raise ValueError(f"--variant flags {flags!r}: at most one --src=DIR")
+    src = str((ROOT / srcs[0]).resolve()) if srcs else ""
+    return " ".join(t for t in toks if not t.startswith("--src=")), src
 
 
 def variant_args(name: str, args) -> list[str]:
@@ -97,6 +113,8 @@ def worker(args) -> None:
     """Time the current build (this process's FLUTE_VLLM_NVCC_FLAGS); one JSON line per case."""
     dtype = getattr(torch, args.dtype)
     flags = os.environ.get("FLUTE_VLLM_NVCC_FLAGS", "")
+    if os.environ.get("FLUTE_VLLM_KERNEL_DIR"):  # (a --src=DIR variant: say so in its records)
+        flags = f"--src={os.environ['FLUTE_VLLM_KERNEL_DIR']} {flags}".strip()
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         layer = Layer(n, k, args.bits, args.group_size, dtype)
@@ -172,7 +190,16 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("ab_kernel needs a CUDA GPU (none visible)")
     arch = _build.device_arch()
-    env_of = {n: {**os.environ, "FLUTE_VLLM_NVCC_FLAGS": f} for n, f in variants}
+    env_of = {}
+    for n, f in variants:
+        nvcc, src = split_src(f)
+        if src and not (Path(src) / "flute_gemm.cu").is_file():
+            ap.error(f"--variant {n}: --src={src} has no flute_gemm.cu (a copy of kernels/ is expected)")
+        env_of[n] = {**os.environ, "FLUTE_VLLM_NVCC_FLAGS": nvcc}
+        if src:
+            env_of[n]["FLUTE_VLLM_KERNEL_DIR"] = src
+        else:
+            env_of[n].pop("FLUTE_VLLM_KERNEL_DIR", None)
     # one build per distinct flag set (variants that differ only in launch options share it)
     first_of = {}
     for n, f in variants:

@@ -30,7 +30,9 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
+# $FLUTE_VLLM_KERNEL_DIR: build another copy of kernels/ (benchmarks/ab_kernel.py's `--src=DIR` variants,
+# to time a restructured kernel against the shipped one in one session; the key hashes its contents).
+KERNEL_DIR = Path(os.environ.get("FLUTE_VLLM_KERNEL_DIR") or Path(__file__).resolve().parent.parent / "kernels")
 SOURCES = ("flute_gemm.cu", "flute_wgmma.cu", "torch_binding.cpp")
 HEADERS = ("flute_kernel.h", "flute_device.cuh", "flute_dispatch.h")
 MODULE_PREFIX = "flute_vllm_C"

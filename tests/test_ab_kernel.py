@@ -64,3 +64,26 @@ def test_experiment_flags_change_the_build_key(monkeypatch):
     monkeypatch.setenv("FLUTE_VLLM_NVCC_FLAGS", "-DFLUTE_LUT_STAGES=8")
     assert _build.nvcc_flags()[-1] == "-DFLUTE_LUT_STAGES=8"
     assert _build.source_digest() != shipped
+
+
+def test_variant_kernel_sources(tmp_path):
+    """``--src=DIR`` in a variant's flags: stripped from the nvcc flags, resolved against the repo; the
+    build reads $FLUTE_VLLM_KERNEL_DIR, so another tree's kernels get their own build key."""
+    import subprocess
+
+    assert ab_kernel.split_src("-DX=1") == ("-DX=1", "")
+    flags, src = ab_kernel.split_src("--src=out/v17 -DX=1")
+    assert flags == "-DX=1" and src == str(ab_kernel.ROOT / "out" / "v17")
+    for bad in ("--src= -DX=1", "--src=a --src=b"):
+        with pytest.raises(ValueError, match="--src"):
+            ab_kernel.split_src(bad)
+    for name in (*_build.SOURCES, *_build.HEADERS):
+        (tmp_path / name).write_bytes((_build.KERNEL_DIR / name).read_bytes())
+    (tmp_path / "flute_gemm.cu").write_bytes((_build.KERNEL_DIR / "flute_gemm.cu").read_bytes() + b"// changed\n")
+    code = "from flute_vllm import _build; print(_build.KERNEL_DIR); print(_build.source_digest())"
+    env = {k: v for k, v in os.environ.items() if k not in ("FLUTE_VLLM_KERNEL_DIR", "FLUTE_VLLM_NVCC_FLAGS")}
+    here = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    there = subprocess.run([sys.executable, "-c", code], env={**env, "FLUTE_VLLM_KERNEL_DIR": str(tmp_path)},
+                           capture_output=True, text=True, check=True)
+    assert there.stdout.split()[0] == str(tmp_path) and here.stdout.split()[0] == str(_build.KERNEL_DIR)
+    assert there.stdout.split()[1] != here.stdout.split()[1]
