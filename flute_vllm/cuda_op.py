@@ -296,6 +296,11 @@ def _wave_cost(ctas: int, nch: int, splits: int, slots: int, overhead: float, k_
     return -(-(ctas * splits) // max(1, slots)) * (-(-cps // k_slices) + overhead) + tail
 
 
+def _reduce_tail(cfg: dict, key: str) -> tuple[float, float]:
+    """The split-K reduction tail ``[base, per split]`` of :func:`_wave_cost` from ``cfg[key]`` (none: 0, 0)."""
+    return tuple(float(v) for v in (cfg.get(key) or (0.0, 0.0)))
+
+
 def _split_k(ctas: int, nch: int, cfg: dict, slots: int, overhead: float, splits: Optional[int],
              k_slices: int = 1, reduce: tuple[float, float] = (0.0, 0.0), min_splits: int = 1) -> tuple[int, int]:
     """(splits, chunks per split) for ``ctas`` CTAs of ``nch`` 64-wide K chunks each.
@@ -440,7 +445,7 @@ def plan(m: int, n: int, k: int, cfg: dict, m_tiles: Optional[int] = None, split
     m_chunks = -(-m // (8 * mt))
     nch = _padded_k(k) // CHUNK_K
     slots, overhead = cfg["sm_count"] * (resident or 4), float(cfg.get("cta_overhead_chunks", 2.0))
-    reduce = tuple(float(v) for v in (cfg.get("lut_split_reduce_chunks") or (0.0, 0.0)))
+    reduce = _reduce_tail(cfg, "lut_split_reduce_chunks")
     x_row_bytes = min(m, 8 * mt) * CHUNK_K * 2  # activation bytes of one chunk that a CTA reads
     max_x_bytes = int(cfg.get("lut_k_slices_max_x_bytes", 1 << 30))
     min_warps = float(cfg.get("lut_k_slices_min_warps_per_sm", 0)) * cfg["sm_count"]
@@ -535,7 +540,7 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
     splits, cps = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
                            tc_overhead_chunks(cfg, block_m), splits,
-                           reduce=tuple(float(v) for v in (cfg.get("tc_split_reduce_chunks") or (0.0, 0.0))))
+                           reduce=_reduce_tail(cfg, "tc_split_reduce_chunks"))
     return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y}
 
 

@@ -579,6 +579,15 @@ def _h200_plan(cfg: dict, m: int, n: int, k: int, **kw) -> dict:
     return cuda_op.plan(m, n, k, cfg, resident=resident, **kw)
 
 
+def _h200_sweep(name: str) -> tuple[dict, dict]:
+    """benchmarks/kernel.py's SHAPES and a sweep measured on H200 (benchmarks/results/<name>)."""
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(root))
+    from kernel import SHAPES
+
+    return SHAPES, json.loads((root / "results" / name).read_text())
+
+
 def test_k_slices_plans_cpu():
     """K slices (the warps of a CTA split its K range; no GPU needed): the H200 config's plans at M = 1
     / 16 on the layers the K-slice sweep measured, the constraints a K-slice plan keeps, and the
@@ -620,15 +629,11 @@ def test_k_slices_plans_against_h200_measurements_cpu():
     (benchmarks/results/tune_ks_NVIDIA_H200.json: us per call for k_slices 1/2/4/8 x splits
     1/2/4/8/16, 10 layers, M = 1 and 16): where the plan picks a measured cell it is within 20% of
     the best cell, and within 5% over all of them (geo-mean); the plans before K slices were 1.13x."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from kernel import SHAPES
-
     cfg = _h200_config()
-    data = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
-                       "tune_ks_NVIDIA_H200.json").read_text())
+    shapes, data = _h200_sweep("tune_ks_NVIDIA_H200.json")
     ratios, before = [], []
     for r in data["records"]:
-        n, k = SHAPES[r["shape"]]
+        n, k = shapes[r["shape"]]
         p = _h200_plan(cfg, r["M"], n, k)
         best = min(r["us"].values())
         got = r["us"].get(f"{p['k_slices']}/{p['splits']}")
@@ -647,18 +652,14 @@ def test_tc_split_plans_against_h200_measurements_cpu():
     (benchmarks/results/tune_tc_NVIDIA_H200.json, kernel v18, 14 layers at M = 64 / 128 / 256): the
     picked cell is within 6% of the best measured split at the picked block_m, within 2% over all of
     them (geo-mean); the v17 model (no reduction tail) split layers that fill the GPU already."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from kernel import SHAPES
-
     cfg = _h200_config()
     v17 = {**cfg, "tc_overhead_chunks": [[128, 2.0], [256, 16.0]], "tc_split_reduce_chunks": None}
-    data = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
-                       "tune_tc_NVIDIA_H200.json").read_text())
+    shapes, data = _h200_sweep("tune_tc_NVIDIA_H200.json")
 
     def replay(c):
         ratios = []
         for r in data["records"]:
-            n, k = SHAPES[r["shape"]]
+            n, k = shapes[r["shape"]]
             p = cuda_op.plan_tc(r["M"], n, k, c)
             best = min(v for key, v in r["us"].items() if key.startswith(f"{p['block_m']}/"))
             got = r["us"].get(f"{p['block_m']}/{p['splits']}")
