@@ -43,7 +43,8 @@ REL_ERR_MAX = 1e-2  # vs the fp32 dequantize + matmul of the same weights (fp16/
 VARIANT_OPTIONS = {"4": ("--warps", "4"), "8": ("--warps", "8"), "xa0": ("--x-ahead", "0"), "xa1": ("--x-ahead", "1"),
                    **{f"ks{s}": ("--k-slices", str(s)) for s in cuda_op.K_SLICES},
                    **{p: ("--path", p) for p in ("lut", "tc", "dense")},
-                   **{f"bm{b}": ("--block-m", str(b)) for b in cuda_op.TC_BLOCK_MS}}
+                   **{f"bm{b}": ("--block-m", str(b)) for b in cuda_op.TC_BLOCK_MS},
+                   "sk0": ("--stream-k", "0"), "sk1": ("--stream-k", "1")}
 
 
 def parse_variant(spec: str) -> tuple[str, str]:
@@ -72,10 +73,11 @@ def split_src(flags: str) -> tuple[str, str]:
 def variant_args(name: str, args) -> list[str]:
     """The worker's launch options for a variant: its ``@`` suffix (4 / 8: LUT-kernel CTA width;
     xa0 / xa1: the x-ahead variant, cuda_op.x_ahead_for; lut / tc / dense: the path; bm8 ... bm256:
-    the tensor-core path's block_m; ks1 ... ks8: the LUT kernel's K slices per CTA), else ``--warps`` /
-    ``--x-ahead`` / ``--path`` / ``--block-m`` / ``--k-slices``."""
+    the tensor-core path's block_m; ks1 ... ks8: the LUT kernel's K slices per CTA; sk0 / sk1: the
+    tensor-core path's split-K or stream-K plan), else ``--warps`` / ``--x-ahead`` / ``--path`` /
+    ``--block-m`` / ``--k-slices`` / ``--stream-k``."""
     opts = {"--warps": str(args.warps), "--x-ahead": str(args.x_ahead), "--path": args.path,
-            "--block-m": str(args.block_m), "--k-slices": str(args.k_slices)}
+            "--block-m": str(args.block_m), "--k-slices": str(args.k_slices), "--stream-k": str(args.stream_k)}
     _, at, suffix = name.partition("@")
     for o in suffix.split(",") if at else []:
         flag, value = VARIANT_OPTIONS[o]
@@ -125,6 +127,7 @@ def worker(args) -> None:
             q, sc, tb = layer.copies[0]
             kw = dict(force_path=args.path, warps=args.warps or None, x_ahead=None if args.x_ahead < 0 else args.x_ahead,
                       block_m=args.block_m or None, k_slices=args.k_slices or None,
+                      stream_k=None if args.stream_k < 0 else bool(args.stream_k),
                       slab_bytes=None if args.slab_bytes < 0 else args.slab_bytes)
             got = cuda_op.gemm(x, q, sc, tb, args.bits, args.group_size, **kw).float()
             w = cuda_op.dequantize_kernel_layout(q, sc, tb, args.bits, args.group_size, k).float()
@@ -138,7 +141,7 @@ def worker(args) -> None:
                                   rel_err=float(f"{rel_err:.2e}"),
                                   flags=flags, bits=args.bits, group_size=args.group_size, dtype=args.dtype,
                                   path=args.path, warps=args.warps, x_ahead=args.x_ahead, block_m=args.block_m,
-                                  k_slices=args.k_slices,
+                                  k_slices=args.k_slices, stream_k=args.stream_k,
                                   slab_bytes=args.slab_bytes)), flush=True)
         del layer, dense
         torch.cuda.empty_cache()
@@ -168,6 +171,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--k-slices", type=int, default=0, choices=[0, *cuda_op.K_SLICES],
                     help="LUT kernel: K slices per CTA for every variant without an @ks suffix (0: the op's "
                          "choice, cuda_op.plan)")
+    ap.add_argument("--stream-k", type=int, default=-1, choices=[-1, 0, 1],
+                    help="tensor-core path: stream-K (1) or split-K (0) plans for every variant without an @sk "
+                         "suffix (-1: the config's tc_stream_k)")
     ap.add_argument("--slab-bytes", type=int, default=-1,
                     help="dense path: dequantize by row slabs of at most this many bytes (0: whole matrix; "
                          "-1: the config's dense_slab_bytes)")

@@ -520,7 +520,33 @@ def tc_overhead_chunks(cfg: dict, block_m: int) -> float:
     return float(next(c for lim, c in v if block_m <= lim))
 
 
-def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, splits: Optional[int] = None) -> dict:
+SK_BLOCK_MS = (64, 256)  # the block_m with a stream-K kernel (kernels/flute_wgmma.cu wgmma_stream_k)
+SK_MAX_ITEMS = 128  # kernels/flute_wgmma.cu kSkMaxItems: (tile, chunk range) items per stream-K CTA
+SK_MIN_UNITS = 4  # K chunks per stream-K CTA at least (a cut tile's partial and sum cost more than that)
+
+
+def plan_stream_k(tiles: int, nch: int, ctas: int, min_units: int = SK_MIN_UNITS) -> Optional[dict]:
+    """Stream-K schedule of ``tiles`` output tiles of ``nch`` K chunks on ``ctas`` persistent CTAs
+    (one per resident slot), or None when there is nothing to balance (whole waves) or a CTA would
+    get more than ``SK_MAX_ITEMS`` items. CUTLASS's data-parallel + stream-K hybrid: the tiles of all
+    full waves but the last are taken whole (``dp_tiles``: CTA c takes c, c + ctas, ...); the rest
+    (the last full wave and the partial one, or all tiles when there is no full wave) are cut into
+    equal contiguous ranges of ``units`` chunks in (tile, chunk) order, one per CTA, so every CTA
+    does the same work (to a chunk) and the grid has no partial wave. A tile cut between CTAs is
+    summed by its last contributor (kernels/flute_wgmma.cu, lut_wgmma_sk_kernel)."""
+    if tiles <= 0 or tiles % ctas == 0:
+        return None
+    full = tiles // ctas
+    dp_tiles = (full - 1) * ctas if full else 0
+    units = max(-(-(tiles - dp_tiles) * nch // ctas), min_units)
+    items = max(full - 1, 0) + units // nch + 2  # whole tiles, then at most units / nch + 2 pieces
+    if items > SK_MAX_ITEMS:
+        return None
+    return {"ctas": ctas, "dp_tiles": dp_tiles, "units": units}
+
+
+def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, splits: Optional[int] = None,
+            stream_k: Optional[bool] = None, sk_ctas: Optional[int] = None) -> dict:
     """Launch plan of the tensor-core path: activation rows per CTA (8-256) and split-K.
 
     block_m: the first ``[max_m, block_m]`` entry of ``cfg["tc_block_m"]`` with M <= max_m. Split-K
@@ -529,6 +555,15 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     ``cfg["tc_split_reduce_chunks"]`` = [a, b]: a + b * splits chunk times (H200 v18: without it the
     model split layers that fill the GPU already, 70B gate_up/tp2 M=64 7 splits 119.5 us vs 97.8
     unsplit).
+
+    stream_k: the stream-K schedule of :func:`plan_stream_k` instead of split-K (block_m 64 or 256,
+    where it has something to balance; ``"stream_k"`` in the result, else None). By default (None, and
+    no ``splits`` given) for one block of activation rows on long-K layers with many tiles: K / 64 >=
+    ``cfg["tc_stream_k_min_chunks"]`` and tiles >= ``cfg["tc_stream_k_min_waves"]`` resident waves
+    (absent: never). H200 v19 A/B against split-K: 70B gate_up M=64 187 vs 202 us, M=256 447 vs 481,
+    70B qkv M=256 93 vs 103; a cut tile's fp32 partial costs more than the balance buys on short-K or
+    few-tile layers (8B gate_up M=256 126 vs 119, 70B o M=256 81 vs 76, 8B o M=64 24 vs 18). ``sk_ctas`` overrides the CTA count
+    (one per resident slot; tests use small counts to reach the whole-tile waves on small layers).
     """
     if block_m is None:
         block_m = next(b for lim, b in cfg["tc_block_m"] if m <= lim)
@@ -538,10 +573,28 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     grid_y = -(-m // block_m)
     nch = _padded_k(k) // CHUNK_K
     resident = 1 if block_m == 256 else 2  # kernels/flute_wgmma.cu: __launch_bounds__ and ring size
+    if stream_k is None:
+        # (by default only with one block of activation rows: a stream-K CTA starts its pieces at other K
+        # offsets than its neighbours, so CTAs of different row blocks no longer read a weight chunk at
+        # about the same time, and at grid_y > 1 every row block re-reads the weights from HBM: 70B down
+        # at M = 1024 1036 us against 860 split-K, H200 v19)
+        inf = float("inf")
+        stream_k = (splits is None and grid_y == 1 and block_m in SK_BLOCK_MS
+                    and nch >= cfg.get("tc_stream_k_min_chunks", inf)
+                    and grid_x >= cfg.get("tc_stream_k_min_waves", inf) * cfg["sm_count"] * resident)
+    elif stream_k and block_m not in SK_BLOCK_MS:
+        _fail(f"stream_k: block_m={block_m} has no stream-K kernel (block_m {' or '.join(map(str, SK_BLOCK_MS))})")
+    sk = None
+    if stream_k:
+        sk = plan_stream_k(grid_x * grid_y, nch, sk_ctas or cfg["sm_count"] * resident)
+    if sk is not None:
+        return {"block_m": block_m, "splits": 1, "chunks_per_split": nch, "grid_x": grid_x, "grid_y": grid_y,
+                "stream_k": sk}
     splits, cps = _split_k(grid_x * grid_y, nch, cfg, cfg["sm_count"] * resident,
                            tc_overhead_chunks(cfg, block_m), splits,
                            reduce=_reduce_tail(cfg, "tc_split_reduce_chunks"))
-    return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y}
+    return {"block_m": block_m, "splits": splits, "chunks_per_split": cps, "grid_x": grid_x, "grid_y": grid_y,
+            "stream_k": None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -684,7 +737,7 @@ def _rows_for_kernel(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None, force_path=None, block_m=None,
-         warps=None, slab_bytes=None, x_ahead=None, k_slices=None):
+         warps=None, slab_bytes=None, x_ahead=None, k_slices=None, stream_k=None, sk_ctas=None):
     """Kernel-layout GEMM without the checks of the op (benchmarks use this to pick a path)."""
     m, k = x.shape
     n = scales.shape[0]
@@ -698,10 +751,16 @@ def gemm(x, qweight, scales, tables, bits, group_size, m_tiles=None, splits=None
             _fail("the tensor-core path needs an sm_90 (Hopper) GPU and a build for sm_90a")
         if x.dtype not in (torch.float16, torch.bfloat16):
             _fail(f"the tensor-core path needs fp16/bf16 activations, got {x.dtype}")
-        pl = plan_tc(m, n, k, cfg, block_m, splits)
+        pl = plan_tc(m, n, k, cfg, block_m, splits, stream_k, sk_ctas)
         # up to wgmma_gather_max_rows() rows per CTA the kernel gathers the K order itself
         xp = permute_activations(x) if pl["block_m"] > _tc_gather_max_block_m() else _rows_for_kernel(x)
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        sk = pl["stream_k"]
+        if sk is not None:
+            ws = torch.empty(2 * sk["ctas"] * pl["block_m"] * TC_ROWS_PER_CTA, dtype=torch.float32, device=x.device)
+            _ext().gemm_wgmma_sk(xp, k, qweight, scales, tables, out, ws, _counters_for(x.device), bits, group_size,
+                                 pl["block_m"], sk["ctas"], sk["dp_tiles"], sk["units"])
+            return out
         ws, counters = _split_buffers(pl["splits"], pl["splits"] * m * n, x.device)
         _ext().gemm_wgmma(xp, k, qweight, scales, tables, out, ws, counters, bits, group_size,
                           pl["splits"], pl["chunks_per_split"], pl["block_m"])

@@ -50,6 +50,13 @@ __device__ __forceinline__ uint32_t ld_stream_u32(const uint32_t* p) {
   return v;
 }
 
+// threadIdx.x read with an opaque instruction: a value the compiler cannot reuse from an earlier read
+// (so it is not kept live through a loop for a use after it).
+__device__ __forceinline__ int thread_index_x() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -222,6 +229,19 @@ __device__ __forceinline__ void load_frag(Frag<BITS>& f, const uint32_t* chunk, 
 }
 
 struct ByteTable { uint32_t lo[4], hi[4]; };
+// The byte tables (words 0-7) of a kernel-layout table.
+__device__ __forceinline__ ByteTable load_byte_table(const uint32_t* tp) {
+  const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp)), h = __ldg(reinterpret_cast<const uint4*>(tp) + 1);
+  return ByteTable{{l.x, l.y, l.z, l.w}, {h.x, h.y, h.z, h.w}};
+}
+// Whether two kernel-layout tables hold the same 16-bit values.
+__device__ __forceinline__ bool same_byte_table(const uint32_t* a, const uint32_t* b) {
+  const ByteTable x = load_byte_table(a), y = load_byte_table(b);
+  bool same = true;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) same = same && x.lo[i] == y.lo[i] && x.hi[i] == y.hi[i];
+  return same;
+}
 
 __device__ __forceinline__ void interleave(uint32_t lo, uint32_t hi, uint32_t& a0, uint32_t& a1) {
   a0 = prmt(lo, hi, 0x5140);

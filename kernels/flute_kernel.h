@@ -42,6 +42,10 @@ struct GemmParams {
   DType dtype;
   int k_slices;              // 1, or 2 / 4 / 8 (dividing warps, gemm_k_slices_ok): warps of a CTA split its K range
                              // in groups of k_slices sharing their weight tiles (rows per CTA / k_slices)
+  // Tensor-core path, stream-K schedule (lut_wgmma_sk_kernel, flute_wgmma.cu) when sk_ctas > 0:
+  int sk_ctas;               // persistent CTAs (the grid)
+  int sk_dp_tiles;           // output tiles taken whole first: CTA c takes tiles c, c + sk_ctas, ...
+  int sk_units;              // then K chunks per CTA over the remaining tiles, in (tile, chunk) order
 };
 
 // Weight tiles (16 rows) per warp of the decode-size kernel at m_tiles = 1, 2 and 4 (experiment knobs,
@@ -109,6 +113,10 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
 // activation rows per CTA (8, 16, 32, 64, 128 or 256), a CTA covers kWgmmaRowsPerCta weight rows, the split-K
 // workspace is [splits][M][N] fp32 and counters need grid_x * ceil(M / (8 * m_tiles)) ints.
 constexpr int kWgmmaRowsPerCta = 128;
+// Stream-K (GemmParams::sk_ctas > 0) exists for block_m 64 and 256 (flute_wgmma.cu wgmma_stream_k);
+// its workspace is 2 * sk_ctas partial slots of block_m x kWgmmaRowsPerCta fp32, its counters one int per
+// tile of the stream-K region (< kSkFlagBase) and, from kSkFlagBase on, one "partial written" flag per slot.
+constexpr int kSkFlagBase = 32768;
 // The tensor-core kernels with at most this many activation rows per CTA (decode sizes) read X in
 // its own order, [M, K] (they gather the kernel layout's K order with 4-byte copies: a separate
 // permute kernel would cost more than the copies there); larger ones take X permuted, [M, Kp].
@@ -125,6 +133,8 @@ cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream, const ch
 // True when the device is sm_90, the extension holds sm_90a code and the driver encodes TMA
 // descriptors (probed once, synchronously: call it outside CUDA-graph capture).
 bool wgmma_supported();
+// Resident CTAs per SM of the tensor-core kernel for (bits, block_m, dtype), one-pass or stream-K; 0 on error.
+int wgmma_ctas_per_sm(int bits, int block_m, DType dtype, bool stream_k);
 
 // Resident CTAs per SM of the kernel that launch_gemm picks for (bits, m_tiles, dtype, warps, x_ahead); 0 on error.
 int gemm_ctas_per_sm(int bits, int m_tiles, DType dtype, int warps, int x_ahead);

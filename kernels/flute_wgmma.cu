@@ -3,6 +3,8 @@
 //
 //   lut_wgmma_kernel<BITS, BN, T>   BITS 2/3/4, BN activation rows per CTA (the wgmma N: 8, 16, 32,
 //                                   64, 128, 256), T half / bf16; runtime M, N, K, group size, split-K.
+//   lut_wgmma_sk_kernel<BITS, BN, T>  the same work on persistent CTAs with a stream-K schedule
+//                                   (BN 64 / 256; see "Stream-K" below).
 //
 // We compute Y^T = W_hat X^T: the weights are wgmma's A operand (M side, 64 rows per warpgroup),
 // the activations its B operand (N side). A wgmma A fragment held in registers has, per warp, the
@@ -190,6 +192,10 @@ template <int BN> constexpr bool wgmma_gathers_x() { return BN <= kWgmmaGatherMa
 // stage's `full` barrier also waits for the TMA's bytes. v16 A/B on H200 (8 shapes, M = 64-1024,
 // fp16 W4 g128): 0.920x the time (8B gate_up M = 64 60.3 -> 53.0 us, 70B gate_up M = 1024 1852 -> 1715).
 template <int BN> constexpr bool wgmma_tma_x() { return !wgmma_gathers_x<BN>() && !wgmma_producer<BN>(); }
+// The BN with a stream-K kernel (lut_wgmma_sk_kernel; TMA-activation kernels only). Not BN = 128: there
+// ptxas serialises the persistent kernel's wgmmas for want of registers (C7512), and it lost to split-K
+// on every layer measured (v19 A/B on H200, M = 128).
+template <int BN> constexpr bool wgmma_stream_k() { return wgmma_tma_x<BN>() && BN != 128; }
 template <int BN> __device__ __forceinline__ int wgmma_x_row_stride(int K) {
   return wgmma_gathers_x<BN>() ? K : (K + 63) & ~63;
 }
@@ -275,6 +281,104 @@ struct WgmmaProducer {
     k_half += 64;
   }
 };
+#endif  // FLUTE_HAS_WGMMA
+
+#if FLUTE_HAS_WGMMA
+// ---- pieces shared by the one-pass kernel (lut_wgmma_kernel) and the stream-K kernel ----
+
+// This warp's share of one ring stage besides X (the consumer-side refill; the producer warp has
+// its own): its tile's chunk of packed weights (BITS words per lane) and, in lanes < 16, two group
+// scales of half (lane >> 3) & 1 (k-steps 0-1 / 2-3 lie in different groups only when G == 32).
+template <int BITS, int BN, typename T>
+__device__ __forceinline__ void wgmma_copy_ws(uint32_t stage, int warp, int lane, const uint32_t* w_next,
+                                              const T* sc_src, int k_next, int gshift, int ngroups) {
+  using Smem = WgmmaSmem<BITS, BN, T>;
+  constexpr int CW = 32 * BITS;
+  const uint32_t wd = stage + Smem::kX + warp * CW * 4;
+  if constexpr (BITS == 4) {
+    cp_async16_s(wd + 16 * lane, w_next);
+  } else {
+    cp_async8_s(wd + 8 * lane, w_next);
+    if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, w_next + 64 - lane);
+  }
+  if (lane < 16) {
+    const int grp = min(k_next >> gshift, ngroups - 1);
+    const uint32_t sd = stage + Smem::kX + Smem::kW + (warp * 2 + ((lane >> 3) & 1)) * 16 * sizeof(T) + 4 * (lane & 7);
+    cp_async4_s(sd, sc_src + grp * 16);
+  }
+}
+
+// Decodes this warp's A fragments of one chunk from its ring stage (generic address `sg`): the packed
+// weights through the shared pair table (4-bit, use_pair) or byte permutes (tb), times the group
+// scales (one HMUL2 per register).
+template <int BITS, int BN, typename T>
+__device__ __forceinline__ void wgmma_decode_chunk(const uint8_t* sg, int warp, int lane, bool use_pair,
+                                                   uint32_t pair_lane, const ByteTable& tb, uint32_t (&a)[4][4]) {
+  using Smem = WgmmaSmem<BITS, BN, T>;
+  using Pair = typename Smem::Pair;
+  constexpr int CW = 32 * BITS;
+  const int g = lane >> 2;
+  Frag<BITS> f;
+  {
+    const uint32_t* sw = reinterpret_cast<const uint32_t*>(sg + Smem::kX) + warp * CW;
+    if constexpr (BITS == 4) {
+      const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
+      f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
+    } else {
+      const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
+      f.w[0] = v.x; f.w[1] = v.y;
+      if constexpr (BITS == 3) f.w[2] = sw[64 + lane];
+    }
+  }
+  const T* ssc = reinterpret_cast<const T*>(sg + Smem::kX + Smem::kW) + warp * 32;
+  uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
+    const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
+    s2[h][0] = (uint32_t)lo * 0x10001u;
+    s2[h][1] = (uint32_t)hi * 0x10001u;
+  }
+  if (BITS == 4 && use_pair) {
+    decode_pair<0, Pair::kCopies>(f.w[0], pair_lane, a[0]);
+    decode_pair<1, Pair::kCopies>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
+    decode_pair<2, Pair::kCopies>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
+    decode_pair<3, Pair::kCopies>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
+  } else {
+    decode<BITS, 0>(f, tb, a[0]);
+    decode<BITS, 1>(f, tb, a[1]);
+    decode<BITS, 2>(f, tb, a[2]);
+    decode<BITS, 3>(f, tb, a[3]);
+  }
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    a[s][0] = mul2<T>(a[s][0], s2[s >> 1][0]);
+    a[s][1] = mul2<T>(a[s][1], s2[s >> 1][1]);
+    a[s][2] = mul2<T>(a[s][2], s2[s >> 1][0]);
+    a[s][3] = mul2<T>(a[s][3], s2[s >> 1][1]);
+  }
+}
+
+// The chunk's 4 wgmmas (k-steps) on the X tile of ring stage st, as one commit group.
+template <int BN, typename T, int STAGE_BYTES>
+__device__ __forceinline__ void wgmma_chunk_mma(float* acc, uint32_t (&a)[4][4], uint32_t desc0_lo, uint32_t desc0_hi,
+                                                int st) {
+  uint64_t desc[4];
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    // The ring lies below 256 KB, so the descriptor's address field (bits 0-13, address / 16) of
+    // stage st, k-step s is the first stage's plus a 32-bit constant, with no carry into the other
+    // fields: one add instead of rebuilding it (~6 uniform ops; v15 A/B 0.988x the time).
+    desc[s] = ((uint64_t)desc0_hi << 32) | (desc0_lo + (uint32_t)st * (STAGE_BYTES >> 4) + 2u * s);
+    // Materialise every wgmma input before the fence: an input defined between the wgmmas of
+    // one group makes ptxas serialise them (C7513).
+    asm volatile("" : "+l"(desc[s]), "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc, a[s], desc[s]);
+  wgmma_commit();
+}
 #endif  // FLUTE_HAS_WGMMA
 
 // Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
@@ -364,19 +468,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
       xk_next += 64;
       x_next += 64;
     }
-    const uint32_t wd = sbase + st * Smem::kStage + Smem::kX + warp * CW * 4;
-    if constexpr (BITS == 4) {
-      cp_async16_s(wd + 16 * lane, w_next);
-    } else {
-      cp_async8_s(wd + 8 * lane, w_next);
-      if constexpr (BITS == 3) cp_async4_s(wd + 256 + 4 * lane, w_next + 64 - lane);
-    }
+    wgmma_copy_ws<BITS, BN, T>(sbase + st * Smem::kStage, warp, lane, w_next, sc_src, k_next, gshift, ngroups);
     w_next += CW;
-    if (lane < 16) {
-      const int grp = min(k_next >> gshift, ngroups - 1);
-      const uint32_t sd = sbase + st * Smem::kStage + Smem::kX + Smem::kW + (warp * 2 + sc_h) * 16 * sizeof(T) + 4 * (lane & 7);
-      cp_async4_s(sd, sc_src + grp * 16);
-    }
     k_next += 64;
   };
 
@@ -466,61 +559,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy (a TMA-loaded X
     // tile was written by the async proxy already).
     if constexpr (!TMA_X) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    const uint8_t* sg = sgen + st * Smem::kStage;
-    Frag<BITS> f;
-    {
-      const uint32_t* sw = reinterpret_cast<const uint32_t*>(sg + Smem::kX) + warp * CW;
-      if constexpr (BITS == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(sw + 4 * lane);
-        f.w[0] = v.x; f.w[1] = v.y; f.w[2] = v.z; f.w[3] = v.w;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(sw + 2 * lane);
-        f.w[0] = v.x; f.w[1] = v.y;
-        if constexpr (BITS == 3) f.w[2] = sw[64 + lane];
-      }
-    }
-    const T* ssc = reinterpret_cast<const T*>(sg + Smem::kX + Smem::kW) + warp * 32;
-    uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
-      const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
-      s2[h][0] = (uint32_t)lo * 0x10001u;
-      s2[h][1] = (uint32_t)hi * 0x10001u;
-    }
-    if (BITS == 4 && use_pair) {
-      decode_pair<0, Pair::kCopies>(f.w[0], pair_lane, a[0]);
-      decode_pair<1, Pair::kCopies>(f.w[1 & (BITS - 1)], pair_lane, a[1]);
-      decode_pair<2, Pair::kCopies>(f.w[2 & (BITS - 1)], pair_lane, a[2]);
-      decode_pair<3, Pair::kCopies>(f.w[3 & (BITS - 1)], pair_lane, a[3]);
-    } else {
-      decode<BITS, 0>(f, tb, a[0]);
-      decode<BITS, 1>(f, tb, a[1]);
-      decode<BITS, 2>(f, tb, a[2]);
-      decode<BITS, 3>(f, tb, a[3]);
-    }
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      a[s][0] = mul2<T>(a[s][0], s2[s >> 1][0]);
-      a[s][1] = mul2<T>(a[s][1], s2[s >> 1][1]);
-      a[s][2] = mul2<T>(a[s][2], s2[s >> 1][0]);
-      a[s][3] = mul2<T>(a[s][3], s2[s >> 1][1]);
-    }
-    uint64_t desc[4];
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      // The ring lies below 256 KB, so the descriptor's address field (bits 0-13, address / 16) of
-      // stage st, k-step s is the first stage's plus a 32-bit constant, with no carry into the other
-      // fields: one add instead of rebuilding it (~6 uniform ops; v15 A/B 0.988x the time).
-      desc[s] = ((uint64_t)desc0_hi << 32) | (desc0_lo + (uint32_t)st * (Smem::kStage >> 4) + 2u * s);
-      // Materialise every wgmma input before the fence: an input defined between the wgmmas of
-      // one group makes ptxas serialise them (C7513).
-      asm volatile("" : "+l"(desc[s]), "+r"(a[s][0]), "+r"(a[s][1]), "+r"(a[s][2]), "+r"(a[s][3])::"memory");
-    }
-    wgmma_fence();
-#pragma unroll
-    for (int s = 0; s < 4; ++s) Wgmma<BN, T>::mma(acc, a[s], desc[s]);
-    wgmma_commit();
+    wgmma_decode_chunk<BITS, BN, T>(sgen + st * Smem::kStage, warp, lane, use_pair, pair_lane, tb, a);
+    wgmma_chunk_mma<BN, T, Smem::kStage>(acc, a, desc0_lo, desc0_hi, st);
     wgmma_wait<1>();  // chunk cc - 1's group is done: its registers and ring stage are free
     if (cc > cb) {
       __syncwarp();
@@ -593,6 +633,320 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
 #endif
 }
 
+
+// ---- Stream-K: persistent CTAs over (tile, chunk) work, BN >= 64 ----------------------------------
+// The work of a launch is tiles of 128 weight rows x BN activation rows (tile t: activation block
+// t / grid_x, weight block t % grid_x) of nch K chunks each. cuda_op.plan_stream_k divides it among
+// sk_ctas CTAs (one per resident slot, so the grid is one full wave): tiles below sk_dp_tiles whole,
+// CTA c taking c, c + sk_ctas, ...; then the remaining tiles' chunks in (tile, chunk) order,
+// sk_units consecutive chunks per CTA. A tile whose chunks all fall to one CTA is written directly;
+// a tile cut between CTAs is written as fp32 partials, one per contributor (CTA c writes its first
+// stream-K piece to slot c, its last to slot sk_ctas + c), and the last contributor to arrive sums
+// them in K order (deterministic) into the output. Unlike a split-K launch (one tile per CTA, every
+// tile's CTAs in their own wave), the grid has no partial last wave and each CTA fills its ring
+// once: the next tile's first chunks are in flight while a CTA finishes the previous one.
+// A CTA's items, (tile, chunks [kb, ke)) in order, are listed in shared memory once at the start (one
+// per thread), so that the issue side and the consumer side each walk them with one index: the chunk
+// loop then holds no schedule state beyond it (the 128-register kernels spilled with two running
+// cursors and their divisions inlined in the loop).
+constexpr int kSkMaxItems = 128;  // <= the CTA's threads (1 KB: 2 KB would cost 4-bit BN = 64 its second CTA per SM);
+                                  // cuda_op.plan_stream_k keeps a CTA's items within it
+struct SkItem {
+  int bx_by;  // weight block bx | activation block by << 16
+  int kb_ke;  // first chunk | end chunk << 16
+};
+// The number of items of CTA c, and item i of them (i < that number).
+__device__ __forceinline__ int sk_dp_items(const GemmParams& p, int c) {
+  return c < p.sk_dp_tiles ? (p.sk_dp_tiles - 1 - c) / p.sk_ctas + 1 : 0;
+}
+__device__ __forceinline__ void sk_range(const GemmParams& p, int nch, int tiles, int c, int& it, int& end) {
+  const int sk_total = (tiles - p.sk_dp_tiles) * nch;
+  it = min(sk_total, c * p.sk_units);
+  end = min(sk_total, it + p.sk_units);
+}
+__device__ __forceinline__ int sk_items(const GemmParams& p, int nch, int tiles, int c) {
+  int it, end;
+  sk_range(p, nch, tiles, c, it, end);
+  return sk_dp_items(p, c) + (end > it ? (end - 1) / nch - it / nch + 1 : 0);
+}
+__device__ __forceinline__ SkItem sk_item(const GemmParams& p, int nch, int tiles, int grid_x, int c, int i) {
+  const int ndp = sk_dp_items(p, c);
+  int tile, kb = 0, ke = nch;
+  if (i < ndp) {
+    tile = c + i * p.sk_ctas;
+  } else {
+    int it, end;
+    sk_range(p, nch, tiles, c, it, end);
+    const int j = it / nch + (i - ndp);
+    kb = max(it - j * nch, 0);
+    ke = min(nch, end - j * nch);
+    tile = p.sk_dp_tiles + j;
+  }
+  return SkItem{(tile % grid_x) | ((tile / grid_x) << 16), kb | (ke << 16)};
+}
+
+__device__ __forceinline__ void st_release_gpu(int* p, int v) {
+  asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// The partial slot of contributor c to stream-K tile j: c's first stream-K piece (slot c) or its last
+// (slot sk_ctas + c).
+__device__ __forceinline__ int sk_slot(const GemmParams& p, int nch, int j, int c) {
+  return j == c * p.sk_units / nch ? c : p.sk_ctas + c;
+}
+
+template <int BITS, int BN, typename T>
+__global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_wgmma_sk_kernel(
+    const GemmParams p, const __grid_constant__ CUtensorMap tmap_x) {
+  static_assert(wgmma_stream_k<BN>(), "stream-K is built for BN = 64 and 256 (wgmma_stream_k)");
+#if FLUTE_HAS_WGMMA
+  using Smem = WgmmaSmem<BITS, BN, T>;
+  using Pair = typename Smem::Pair;
+  constexpr int NACC = BN / 2, STAGES = Smem::kStages, PD = STAGES - 2, CW = 32 * BITS;
+  constexpr int kSlotFloats = BN * kWgmmaRowsPerCta, kThreads = kWgmmaTiles * 32;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  const uint32_t sbase = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  uint8_t* const sgen = smem_raw + (sbase - smem_addr(smem_raw));
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int ntiles = p.N >> 4, nch = (p.K + 63) >> 6, ngroups = p.K / p.group_size;
+  const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
+  const int grid_x = (p.N + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta;
+  const int tiles = grid_x * ((p.M + BN - 1) / BN);
+  const T* scales = reinterpret_cast<const T*>(p.scales);
+
+  __shared__ __align__(8) uint64_t s_full[8], s_empty[8];
+  const uint32_t full0 = smem_addr(&s_full[0]), empty0 = smem_addr(&s_empty[0]);
+  if (tid == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(full0 + 8 * s, kWgmmaTiles * 32 + 1);  // every thread's cp.asyncs + the X tile's expect-tx arrival
+      mbar_init(empty0 + 8 * s, kWgmmaTiles);
+    }
+  }
+  __syncthreads();
+
+  __shared__ SkItem s_items[kSkMaxItems];
+  const int n_items = min(sk_items(p, nch, tiles, blockIdx.x), kSkMaxItems);
+  if (tid < n_items) s_items[tid] = sk_item(p, nch, tiles, grid_x, blockIdx.x, tid);
+  __syncthreads();
+
+  // Issue side: walks the CTA's items PD chunks ahead of the consumer side, across item boundaries.
+  int i_item = 0;                    // the issue side's current item
+  int i_left = 0;                    // its chunks not yet issued
+  const uint32_t* w_next = nullptr;  // this lane's piece of the next chunk's packed weights
+  const T* sc_src = nullptr;         // this lane's scales of the item's tile
+  int k_next = 0, x_col = 0, x_row = 0;
+  auto issue_item = [&]() {  // sets up item i_item (< n_items)
+    const SkItem it = s_items[i_item];
+    const int bx = it.bx_by & 0xFFFF, kb = it.kb_ke & 0xFFFF;
+    // (Everything here is re-derived from the parameters and %tid.x read afresh, so that the compiler
+    // does not hoist these products out of the chunk loop and keep them live through it.)
+    const uint32_t* qw = p.qweight;
+    const T* sc = scales;
+    int nc = nch, ng = ngroups, ntl = ntiles;
+    asm volatile("" : "+l"(qw), "+l"(sc), "+r"(nc), "+r"(ng), "+r"(ntl));
+    const int ltid = thread_index_x(), llane = ltid & 31, lwarp = ltid >> 5;
+    const int wt = min(bx * kWgmmaTiles + lwarp, ntl - 1);
+    w_next = qw + (size_t)wt * nc * CW + (BITS == 4 ? 4 * llane : 2 * llane) + (size_t)kb * CW;
+    sc_src = sc + (size_t)wt * ng * 16 + 2 * (llane & 7);
+    k_next = (kb << 6) + 32 * ((llane >> 3) & 1);
+    x_col = kb << 6;
+    x_row = (it.bx_by >> 16) * BN;
+    i_left = (it.kb_ke >> 16) - kb;
+  };
+  bool i_more = n_items > 0;
+  if (i_more) issue_item();
+  int ld = 0;
+  uint32_t ld_phase = 1;  // a fresh barrier's parity-1 phase counts as complete: the first STAGES fills pass
+  auto refill = [&]() {
+    mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's previous chunk
+    const uint32_t stage = sbase + ld * Smem::kStage;
+    if (tid == 0) {
+      mbar_arrive_expect_tx(full0 + 8 * ld, Smem::kX);
+      tma_load_2d(stage, &tmap_x, x_col, x_row, full0 + 8 * ld);
+    }
+    wgmma_copy_ws<BITS, BN, T>(stage, warp, lane, w_next, sc_src, k_next, gshift, ngroups);
+    mbar_arrive_cp_async(full0 + 8 * ld);
+    w_next += CW;
+    k_next += 64;
+    x_col += 64;
+    if (++ld == STAGES) { ld = 0; ld_phase ^= 1; }
+    if (--i_left == 0) {
+      i_more = ++i_item < n_items;
+      if (i_more) issue_item();
+    }
+  };
+  for (int s = 0; s < PD && i_more; ++s) refill();
+
+  // 4-bit: the pair table of the CTA's first tile, built while the first copies fly; a warp whose
+  // item's tile has another table (a fused-shard boundary) decodes that item with byte permutes.
+  const uint32_t pair_lane = sbase + STAGES * Smem::kStage + Pair::lane_offset(lane);
+  const uint32_t* pair_src = p.tables + (size_t)min(n_items > 0 ? (s_items[0].bx_by & 0xFFFF) * kWgmmaTiles : 0, ntiles - 1) * kTableWords;
+  if constexpr (BITS == 4) {
+    build_pair_table<Pair::kCopies>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), pair_src);
+    __syncthreads();
+  }
+
+  const uint64_t desc0 = smem_desc_sw128(sbase);
+  const uint32_t desc0_lo = (uint32_t)desc0, desc0_hi = (uint32_t)(desc0 >> 32);
+  int st = 0;
+  uint32_t st_phase = 0;  // stage / full-parity of the chunk being consumed
+  int rel = 0;
+  bool have_rel = false;  // the previous chunk's stage is still to be released (after its wgmmas)
+  float acc[NACC];
+  ByteTable tb;  // the item's tile's byte tables (4-bit: for the byte-permute fallback)
+  bool use_pair = false;
+  auto chunk = [&](uint32_t (&a)[4][4]) {
+    if (i_more) refill();
+    mbar_wait(full0 + 8 * st, st_phase);
+    wgmma_decode_chunk<BITS, BN, T>(sgen + st * Smem::kStage, warp, lane, use_pair, pair_lane, tb, a);
+    wgmma_chunk_mma<BN, T, Smem::kStage>(acc, a, desc0_lo, desc0_hi, st);
+    wgmma_wait<1>();  // the previous chunk's group is done: its registers and ring stage are free
+    if (have_rel) {
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty0 + 8 * rel);
+    }
+    have_rel = true;
+    rel = st;
+    if (++st == STAGES) { st = 0; st_phase ^= 1; }
+  };
+
+  for (int item = 0; item < n_items; ++item) {
+    const SkItem itm = s_items[item];
+    const int bx = itm.bx_by & 0xFFFF, by = itm.bx_by >> 16, kb = itm.kb_ke & 0xFFFF, ke = itm.kb_ke >> 16;
+    const int tile = by * grid_x + bx, m0 = by * BN;
+    const int wt_raw = bx * kWgmmaTiles + warp;
+    const bool tile_ok = wt_raw < ntiles;
+    const int wt = min(wt_raw, ntiles - 1);
+    tb = load_byte_table(p.tables + (size_t)wt * kTableWords);
+    if constexpr (BITS == 4) use_pair = same_byte_table(p.tables + (size_t)wt * kTableWords, pair_src);
+    zero_fill(acc);
+    {
+      uint32_t a0[4][4], a1[4][4];
+      int cc = kb;
+      for (; cc + 1 < ke; cc += 2) {
+        chunk(a0);
+        chunk(a1);
+      }
+      if (cc < ke) chunk(a0);
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) pin(acc[i]);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty0 + 8 * rel);  // the item's last stage (its wgmmas are done)
+    have_rel = false;
+
+    const int j = tile - p.sk_dp_tiles;  // stream-K tile index (< 0: a data-parallel tile)
+    const int c_first = j < 0 ? 0 : j * nch / p.sk_units;
+    const int c_last = j < 0 ? 0 : ((j + 1) * nch - 1) / p.sk_units;
+    if (c_first != c_last) {
+      // A cut tile. Every contributor arrives first (one atomic per CTA); all but the last then write
+      // their piece in the accumulators' own layout (float4 i of thread tid at i * 256 + tid: coalesced)
+      // and raise their slot's flag; the last waits for the others' flags and sums the pieces in K
+      // order, p_first + p_second + ..., which does not depend on which CTA is last: its own piece stays
+      // in registers when it is the first (the usual case: a tile's first piece is its CTA's last item),
+      // else it goes through its slot too. (A flag is only waited for once its CTA has arrived, i.e.
+      // while it is running: no co-residency is assumed.)
+      const int me = blockIdx.x;
+      int* flags = p.counters + kSkFlagBase;
+      auto slot_of = [&](int c) {
+        return reinterpret_cast<float4*>(p.workspace + (size_t)sk_slot(p, nch, j, c) * kSlotFloats) + tid;
+      };
+      auto store_acc = [&](float4* dst) {
+#pragma unroll
+        for (int i = 0; i < NACC / 4; ++i)
+          __stcg(dst + i * kThreads, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+      };
+      if (!splitk_arrive_last(p.counters + j, c_last - c_first + 1)) {
+        store_acc(slot_of(me));
+        __syncthreads();
+        if (tid == 0) {
+          __threadfence();
+          st_release_gpu(flags + sk_slot(p, nch, j, me), 1);
+        }
+        continue;
+      }
+      if (tid == 0) {
+        for (int c = c_first; c <= c_last; ++c)
+          if (c != me)
+            while (ld_acquire_gpu(flags + sk_slot(p, nch, j, c)) == 0) {
+            }
+      }
+      __syncthreads();
+      if (me != c_first) {  // acc = p_first; this CTA's piece is read back in its place below
+        store_acc(slot_of(me));
+        const float4* src = slot_of(c_first);
+#pragma unroll
+        for (int i = 0; i < NACC / 4; ++i) {
+          const float4 v = __ldcg(src + i * kThreads);
+          acc[4 * i] = v.x; acc[4 * i + 1] = v.y; acc[4 * i + 2] = v.z; acc[4 * i + 3] = v.w;
+        }
+      }
+      // acc += p_c for c = c_first + 1 ... c_last, in that order; 8 float4 per contributor and two
+      // contributors at a time in flight (the sum is latency-bound: one load in flight per thread made
+      // a cut tile's fix-up cost more than the balance it bought)
+#pragma unroll
+      for (int bt = 0; bt < NACC / 32; ++bt) {
+        auto add = [&](const float4 (&x)[8]) {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            float* a = acc + 32 * bt + 4 * e;
+            a[0] += x[e].x; a[1] += x[e].y; a[2] += x[e].z; a[3] += x[e].w;
+          }
+        };
+        int c = c_first + 1;
+        for (; c + 1 <= c_last; c += 2) {
+          const float4* s0 = slot_of(c);
+          const float4* s1 = slot_of(c + 1);
+          float4 x0[8], x1[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            x0[e] = __ldcg(s0 + (8 * bt + e) * kThreads);
+            x1[e] = __ldcg(s1 + (8 * bt + e) * kThreads);
+          }
+          add(x0);
+          add(x1);
+        }
+        if (c <= c_last) {
+          const float4* s0 = slot_of(c);
+          float4 x0[8];
+#pragma unroll
+          for (int e = 0; e < 8; ++e) x0[e] = __ldcg(s0 + (8 * bt + e) * kThreads);
+          add(x0);
+        }
+      }
+      __syncthreads();  // every thread has read the pieces: the flags and the counter may be reset
+      if (tid == 0) {
+        p.counters[j] = 0;
+        for (int c = c_first; c <= c_last; ++c)
+          if (c != me) flags[sk_slot(p, nch, j, c)] = 0;
+      }
+    }
+    // The whole tile (this CTA's alone, or summed above). acc[4j + q]: weight row wt*16 + g + 8*(q>>1),
+    // activation row m0 + 8j + 2t + (q&1).
+    if (tile_ok) {
+      const int g = lane >> 2, t = lane & 3;
+      T* out = reinterpret_cast<T*>(p.out);
+#pragma unroll
+      for (int jj = 0; jj < BN / 8; ++jj)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int m = m0 + 8 * jj + 2 * t + (q & 1);
+          if (m < p.M) out[(size_t)m * p.N + wt * 16 + g + 8 * (q >> 1)] = TypeOps<T>::from_float(acc[4 * jj + q]);
+        }
+    }
+  }
+  cp_async_wait<0>();
+#else
+  __trap();  // built without sm_90a: the host never launches this (wgmma_supported() is false)
+#endif
+}
+
 __global__ void wgmma_probe_kernel(int* out) { *out = FLUTE_HAS_WGMMA; }
 
 // The driver's cuTensorMapEncodeTiled, through the runtime's driver entry point (no libcuda link);
@@ -641,12 +995,28 @@ cudaError_t launch_wgmma_t(const GemmParams& p, cudaStream_t stream, const char*
     *failed_step = "cudaFuncSetAttribute (dynamic shared memory size)";
     return attr;
   }
-  dim3 grid(wgmma_grid_x(p.N), (p.M + BN - 1) / BN, p.splits);
   CUtensorMap map{};  // (a map is needed only by the TMA kernels; the others ignore it)
   if (wgmma_tma_x<BN>() && !encode_x_map(&map, p, BN)) {
     *failed_step = "the activations' TMA descriptor (cuTensorMapEncodeTiled; x_perm must be 16-byte aligned)";
     return cudaErrorInvalidValue;
   }
+  if (p.sk_ctas > 0) {
+    if constexpr (wgmma_stream_k<BN>()) {
+      static const cudaError_t sk_attr = cudaFuncSetAttribute(
+          lut_wgmma_sk_kernel<BITS, BN, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      if (sk_attr != cudaSuccess) {
+        *failed_step = "cudaFuncSetAttribute (dynamic shared memory size, stream-K kernel)";
+        return sk_attr;
+      }
+      lut_wgmma_sk_kernel<BITS, BN, T><<<p.sk_ctas, kWgmmaTiles * 32, bytes, stream>>>(p, map);
+      *failed_step = "the kernel launch (stream-K)";
+      return cudaGetLastError();
+    } else {
+      *failed_step = "the parameters (stream-K is built for block_m 64 and 256)";
+      return cudaErrorInvalidValue;
+    }
+  }
+  dim3 grid(wgmma_grid_x(p.N), (p.M + BN - 1) / BN, p.splits);
   lut_wgmma_kernel<BITS, BN, T><<<grid, wgmma_threads<BN>(), bytes, stream>>>(p, map);
   *failed_step = "the kernel launch";
   return cudaGetLastError();
@@ -660,6 +1030,8 @@ cudaError_t launch_wgmma_typed(const GemmParams& p, cudaStream_t stream, const c
     });
   });
 }
+
+template <typename T> struct TypeTag { using type = T; };
 
 }  // namespace
 
@@ -684,6 +1056,34 @@ bool wgmma_supported() {
     cached[dev] = ok ? 1 : 2;
   }
   return cached[dev] == 1;
+}
+
+int wgmma_ctas_per_sm(int bits, int block_m, DType dtype, bool stream_k) {
+  int n = 0;
+  auto query = [&](auto b, auto bn, auto t) {
+    constexpr int B = decltype(b)::value, BN = decltype(bn)::value;
+    using T = typename decltype(t)::type;
+    constexpr int bytes = WgmmaSmem<B, BN, T>::kBytes;
+    if (stream_k) {
+      if constexpr (wgmma_stream_k<BN>()) {
+        cudaFuncSetAttribute(lut_wgmma_sk_kernel<B, BN, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_wgmma_sk_kernel<B, BN, T>, kWgmmaTiles * 32, bytes);
+      }
+    } else {
+      cudaFuncSetAttribute(lut_wgmma_kernel<B, BN, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_wgmma_kernel<B, BN, T>, wgmma_threads<BN>(), bytes);
+    }
+    cudaGetLastError();
+    return 0;
+  };
+  auto with_type = [&](auto t) {
+    return with_int<2, 3, 4>(bits, 0, [&](auto b) {
+      return with_int<8, 16, 32, 64, 128, 256>(block_m, 0, [&](auto bn) { return query(b, bn, t); });
+    });
+  };
+  if (dtype == DType::kF16) with_type(TypeTag<half>{});
+  else if (dtype == DType::kBF16) with_type(TypeTag<__nv_bfloat16>{});
+  return n;
 }
 
 cudaError_t launch_gemm_wgmma(const GemmParams& p, cudaStream_t stream, const char** failed_step) {

@@ -115,6 +115,37 @@ void gemm_wgmma(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qwe
   TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
 }
 
+// The same GEMM with the stream-K schedule (block_m 64 or 256; cuda_op.plan_stream_k): sk_ctas
+// persistent CTAs, the first sk_dp_tiles output tiles whole, then sk_units K chunks per CTA; workspace
+// fp32 >= 2 * sk_ctas * block_m * 128, counters >= kSkFlagBase + 2 * sk_ctas ints, zero on entry.
+void gemm_wgmma_sk(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qweight, const torch::Tensor& scales,
+                   const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
+                   int64_t bits, int64_t group_size, int64_t block_m, int64_t sk_ctas, int64_t sk_dp_tiles,
+                   int64_t sk_units) {
+  const at::cuda::CUDAGuard guard(x_perm.device());
+  const int64_t M = x_perm.size(0), N = out.size(1);
+  TORCH_CHECK(K % 32 == 0, "flute: K must be a multiple of 32");
+  TORCH_CHECK(block_m == 64 || block_m == 256, "flute: stream-K is built for block_m 64 and 256, not ", block_m);
+  TORCH_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "flute: x_perm must be [M, K rounded up to 64]");
+  const int64_t nch = (K + 63) / 64, tiles = flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m);
+  TORCH_CHECK(sk_ctas > 0 && sk_units > 0 && sk_dp_tiles >= 0 && sk_dp_tiles <= tiles &&
+                  sk_ctas * sk_units >= (tiles - sk_dp_tiles) * nch,
+              "flute: stream-K schedule (sk_ctas, sk_dp_tiles, sk_units) does not cover the GEMM");
+  TORCH_CHECK(flute::wgmma_supported(),
+              "flute: the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
+  // (splits = 2 makes gemm_params check and set the workspace and counters; the kernel ignores splits)
+  flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits, group_size,
+                                    2, nch, block_m / 8, 2 * sk_ctas * block_m * flute::kWgmmaRowsPerCta,
+                                    flute::kSkFlagBase + 2 * sk_ctas);
+  TORCH_CHECK(tiles - sk_dp_tiles <= flute::kSkFlagBase, "flute: stream-K region too large for the counters");
+  p.sk_ctas = (int)sk_ctas;
+  p.sk_dp_tiles = (int)sk_dp_tiles;
+  p.sk_units = (int)sk_units;
+  const char* step = "";
+  const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream(), &step);
+  TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
+}
+
 bool wgmma_supported(int64_t device_index) {
   const c10::cuda::CUDAGuard guard((c10::DeviceIndex)device_index);
   return flute::wgmma_supported();
@@ -153,6 +184,11 @@ int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "flute LUT-GEMM (kernel layout)");
   m.def("gemm_wgmma", &gemm_wgmma, "flute LUT-GEMM, sm_90a tensor-core path (kernel layout)");
+  m.def("gemm_wgmma_sk", &gemm_wgmma_sk, "flute LUT-GEMM, sm_90a tensor-core path, stream-K schedule (kernel layout)");
+  m.def("wgmma_ctas_per_sm", [](int64_t bits, int64_t block_m, const std::string& dtype, bool stream_k) {
+          return (int64_t)flute::wgmma_ctas_per_sm((int)bits, (int)block_m,
+                                                   dtype == "bfloat16" ? flute::DType::kBF16 : flute::DType::kF16, stream_k);
+        }, "resident CTAs per SM of the tensor-core kernel for (bits, block_m, dtype, stream_k)");
   m.def("wgmma_supported", &wgmma_supported, "whether the sm_90a tensor-core path runs on this device");
   m.def("wgmma_gather_max_rows", [] { return (int64_t)flute::kWgmmaGatherMaxRows; },
         "largest block_m at which the tensor-core path reads x unpermuted (gathers the K order itself)");

@@ -4,7 +4,7 @@
 
 Every path (mma.sync LUT kernel with and without split-K, in 4- and (M <= 16) 8-warp CTAs, with K
 slices where the kernel has them; sm_90a
-wgmma kernel with split-K and each block_m where available; dequantize, whole and by row slabs) on
+wgmma kernel with split-K and each block_m where available, and stream-K; dequantize, whole and by row slabs) on
 small ragged shapes (K % 64 == 32, N not a multiple of
 the CTA's rows, odd M), each checked against the float32 reference.
 """
@@ -42,6 +42,8 @@ for bits in (2, 3, 4):
                      for ks in cuda_op.K_SLICES[1:] if cuda_op.k_slices_ok(bits, mt, warps, xa or 0, ks) for s in (1, 2)]
         if cuda_op.tc_available(0):
             runs += [dict(force_path="tc", block_m=b, splits=s) for b in cuda_op.TC_BLOCK_MS for s in (1, 4)]
+            # stream-K: the device's CTA count (tiles cut into pieces) and 2 CTAs (whole-tile waves too)
+            runs += [dict(force_path="tc", block_m=b, stream_k=True, sk_ctas=c) for b in cuda_op.SK_BLOCK_MS for c in (None, 2)]
         for kw in runs:
             out = cuda_op.gemm(x, qk, sk, tk, bits, g, **kw)
             err = ((out.float() - ref).norm() / ref.norm()).item()

@@ -23,16 +23,18 @@ def test_parse_variant():
 
 
 def test_variant_launch_options():
-    """The @ suffix overrides --warps / --x-ahead / --path / --block-m / --k-slices for that variant only."""
+    """The @ suffix overrides --warps / --x-ahead / --path / --block-m / --k-slices / --stream-k for that
+    variant only."""
     import argparse
-    args = argparse.Namespace(warps=4, x_ahead=-1, path="lut", block_m=0, k_slices=0)
-    base = ["--warps", "4", "--x-ahead", "-1", "--path", "lut", "--block-m", "0", "--k-slices", "0"]
+    args = argparse.Namespace(warps=4, x_ahead=-1, path="lut", block_m=0, k_slices=0, stream_k=-1)
+    base = ["--warps", "4", "--x-ahead", "-1", "--path", "lut", "--block-m", "0", "--k-slices", "0", "--stream-k", "-1"]
     assert ab_kernel.variant_args("base", args) == base
     assert ab_kernel.variant_args("w@8", args) == ["--warps", "8", *base[2:]]
     assert ab_kernel.variant_args("w@xa1,8", args) == ["--warps", "8", "--x-ahead", "1", *base[4:]]
     assert ab_kernel.variant_args("w@xa0", args) == ["--warps", "4", "--x-ahead", "0", *base[4:]]
     assert ab_kernel.variant_args("t@tc,bm32", args) == [*base[:4], "--path", "tc", "--block-m", "32", *base[8:]]
-    assert ab_kernel.variant_args("k@ks8,8", args) == ["--warps", "8", *base[2:8], "--k-slices", "8"]
+    assert ab_kernel.variant_args("k@ks8,8", args) == ["--warps", "8", *base[2:8], "--k-slices", "8", *base[10:]]
+    assert ab_kernel.variant_args("s@tc,sk1", args) == [*base[:4], "--path", "tc", *base[6:10], "--stream-k", "1"]
     assert ab_kernel.parse_variant("t@tc,bm16=") == ("t@tc,bm16", "")
     with pytest.raises(ValueError, match="NAME=FLAGS"):
         ab_kernel.parse_variant("t@tc,bm24=")

@@ -272,7 +272,7 @@ def _random_case(rng: random.Random):
     bits = rng.choice([2, 3, 4])
     dtype = rng.choice([torch.float16, torch.bfloat16])
     kinds = [rng.choice(["nf", "int", "fp", "random"]) for _ in parts]
-    path = rng.choices(["op", "lut", "lut_split", "dense", "tc", "tc_split"], weights=[6, 2, 2, 1, 2, 2])[0]
+    path = rng.choices(["op", "lut", "lut_split", "dense", "tc", "tc_split", "tc_sk"], weights=[6, 2, 2, 1, 2, 2, 2])[0]
     block_m = rng.choice(cuda_op.TC_BLOCK_MS)
     return dict(parts=parts, k=k, g=g, m=m, bits=bits, dtype=dtype, kinds=kinds, path=path, block_m=block_m)
 
@@ -302,6 +302,9 @@ def test_randomized_sweep():
         elif c["path"] == "dense":
             slab_bytes = rng.choice([0, 16 * 2 * c["k"] * rng.randint(1, 8)])  # whole matrix, or row slabs
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="dense", slab_bytes=slab_bytes)
+        elif c["path"] == "tc_sk":  # stream-K: the device's CTA count, or a few (whole-tile waves on small layers)
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", block_m=rng.choice(cuda_op.SK_BLOCK_MS),
+                               stream_k=True, sk_ctas=rng.choice([None, rng.randint(1, 40)]))
         elif c["path"].startswith("tc"):
             splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "tc_split" else None
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", splits=splits, block_m=c["block_m"])
@@ -373,6 +376,37 @@ def test_tensor_core_path_split_k_and_tiles(dtype, bits):
             assert _rel_err(one, ref) < _tol(dtype), (m, block_m)
     cfg = cuda_op.device_config(torch.cuda.current_device())
     assert cuda_op.choose_path(cfg["tc_min_m"], dtype, cfg, torch.cuda.current_device()) == "tc"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_tensor_core_stream_k(dtype, bits):
+    """Stream-K (persistent CTAs, tiles cut between CTAs summed by the last contributor): bit-exact
+    across runs, equal to the reference, with whole-tile waves (few CTAs), tiles cut into many pieces
+    (the device's CTA count on a small layer), K % 64 == 32, ragged M and N, fused shards with their
+    own tables; and the kernel keeps the resident CTAs per SM that the plan assumes."""
+    if not cuda_op.tc_available(torch.cuda.current_device()):
+        pytest.skip("needs an sm_90 GPU (Hopper) for the wgmma tensor-core path")
+    ext = cuda_op._ext()
+    name = str(dtype).split(".")[-1]
+    for block_m in cuda_op.SK_BLOCK_MS:
+        resident = 1 if block_m == 256 else 2
+        assert ext.wgmma_ctas_per_sm(bits, block_m, name, True) == resident == ext.wgmma_ctas_per_sm(bits, block_m, name, False)
+    gen = torch.Generator().manual_seed(13)
+    qweight, scales, tables, ends = _make_layer([512, 144, 128], 1440, bits, 32, dtype, ["nf", "random", "nf"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, bits, 32)
+    for m in (1, 77, 300):
+        x = torch.randn(m, 1440, device="cuda").to(dtype)
+        ref = _reference(x, qweight, scales, tables, ends, bits, 32)
+        for block_m in cuda_op.SK_BLOCK_MS:
+            for sk_ctas in (None, 1, 3, 7):
+                pl = cuda_op.plan_tc(m, 784, 1440, cuda_op.device_config(torch.cuda.current_device()), block_m,
+                                     stream_k=True, sk_ctas=sk_ctas)
+                outs = [cuda_op.gemm(x, qk, sk, tk, bits, 32, force_path="tc", block_m=block_m, stream_k=True,
+                                     sk_ctas=sk_ctas) for _ in range(2)]
+                assert torch.equal(outs[0], outs[1]), (m, block_m, sk_ctas, pl["stream_k"])
+                assert _rel_err(outs[0], ref) < _tol(dtype), (m, block_m, sk_ctas, pl["stream_k"])
 
 
 @needs_cuda
@@ -565,6 +599,91 @@ def test_launch_plans_cover_k_and_fill_the_gpu_cpu():
         cuda_op.plan_tc(100, 4096, 4096, cfg, block_m=96)
 
 
+def _sk_items(sk: dict, nch: int, tiles: int, c: int) -> list[tuple[int, int, int]]:
+    """Python copy of kernels/flute_wgmma.cu sk_items / sk_item: CTA c's (tile, kb, ke) items."""
+    ndp = (sk["dp_tiles"] - 1 - c) // sk["ctas"] + 1 if c < sk["dp_tiles"] else 0
+    sk_total = (tiles - sk["dp_tiles"]) * nch
+    it = min(sk_total, c * sk["units"])
+    end = min(sk_total, it + sk["units"])
+    n = ndp + ((end - 1) // nch - it // nch + 1 if end > it else 0)
+    items = []
+    for i in range(n):
+        if i < ndp:
+            items.append((c + i * sk["ctas"], 0, nch))
+        else:
+            j = it // nch + (i - ndp)
+            items.append((sk["dp_tiles"] + j, max(it - j * nch, 0), min(nch, end - j * nch)))
+    return items
+
+
+def test_stream_k_schedule_cpu():
+    """plan_stream_k + the kernel's item and slot arithmetic (emulated): every (tile, chunk) is
+    computed exactly once; CTAs get equal work (to a chunk) and at most SK_MAX_ITEMS items; a cut
+    tile's contributors are the CTAs the kernel's c_first..c_last formula names, their pieces lie in
+    K order, and no two pieces share a partial slot."""
+    rng = random.Random(5)
+    cases = [(224, 64, 264), (448, 128, 264), (32, 64, 264), (1792, 128, 132), (80, 128, 132), (224, 64, 132),
+             (5, 3, 7), (13, 1, 4), (100, 9, 7)] + [(rng.randint(1, 600), rng.randint(1, 200), rng.randint(1, 300))
+                                                   for _ in range(200)]
+    planned = cut = 0
+    for tiles, nch, ctas in cases:
+        sk = cuda_op.plan_stream_k(tiles, nch, ctas)
+        if sk is None:
+            assert tiles % ctas == 0 or tiles // ctas > cuda_op.SK_MAX_ITEMS - 3
+            continue
+        planned += 1
+        seen = {}
+        work = []
+        slots = set()
+        for c in range(ctas):
+            items = _sk_items(sk, nch, tiles, c)
+            assert len(items) <= cuda_op.SK_MAX_ITEMS
+            work.append(sum(ke - kb for _, kb, ke in items))
+            for tile, kb, ke in items:
+                assert 0 <= kb < ke <= nch and 0 <= tile < tiles
+                seen.setdefault(tile, []).append((kb, ke, c))
+        assert sorted(seen) == list(range(tiles))
+        for tile, pieces in seen.items():
+            pieces.sort()
+            assert pieces[0][0] == 0 and pieces[-1][1] == nch
+            assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))  # contiguous, no overlap
+            j = tile - sk["dp_tiles"]
+            if j < 0:
+                assert len(pieces) == 1
+                continue
+            c_first, c_last = j * nch // sk["units"], ((j + 1) * nch - 1) // sk["units"]
+            assert [c for _, _, c in pieces] == list(range(c_first, c_last + 1))
+            if c_first == c_last:
+                continue
+            cut += 1
+            for _, _, c in pieces:  # sk_slot
+                slot = c if j == c * sk["units"] // nch else sk["ctas"] + c
+                assert slot < 2 * sk["ctas"] and slot not in slots
+                slots.add(slot)
+        # the stream-K region is shared to a chunk: a CTA's work is its whole tiles plus units (or less at the end)
+        sk_work = [w - nch * len([1 for t, kb, ke in _sk_items(sk, nch, tiles, c) if t < sk["dp_tiles"]])
+                   for c, w in enumerate(work)]
+        assert max(sk_work) <= sk["units"]
+        assert sum(sk_work) == (tiles - sk["dp_tiles"]) * nch
+    assert planned > 150 and cut > 1000
+    # the H200 config's rule: long-K layers with many tiles, one block of activation rows, block_m 64 / 256
+    h200 = _h200_config()
+    assert cuda_op.plan_tc(64, 57344, 8192, h200)["stream_k"] == {"ctas": 264, "dp_tiles": 0, "units": 218}
+    assert cuda_op.plan_tc(256, 10240, 8192, h200)["stream_k"] is not None  # 70B qkv: 80 tiles, 0.6 waves
+    assert cuda_op.plan_tc(64, 10240, 8192, h200)["stream_k"] is None  # ... 0.3 waves at block_m 64
+    assert cuda_op.plan_tc(64, 28672, 4096, h200)["stream_k"] is None  # 8B gate_up: K / 64 = 64
+    assert cuda_op.plan_tc(256, 8192, 28672, h200)["stream_k"] is None  # 70B down: 64 tiles, 0.48 waves
+    assert cuda_op.plan_tc(128, 57344, 8192, h200)["stream_k"] is None  # block_m 128: no stream-K kernel
+    assert cuda_op.plan_tc(1024, 57344, 8192, h200)["stream_k"] is None  # 4 row blocks
+    assert cuda_op.plan_tc(64, 57344, 8192, h200, splits=2)["stream_k"] is None
+    with pytest.raises(ValueError, match="block_m=128 has no stream-K kernel"):
+        cuda_op.plan_tc(100, 4096, 4096, h200, stream_k=True)
+    # a plan with whole waves needs no balancing; the whole-tile region leaves one full wave to stream-K
+    assert cuda_op.plan_stream_k(264, 64, 132) is None
+    assert cuda_op.plan_stream_k(224, 64, 132) == {"ctas": 132, "dp_tiles": 0, "units": 109}
+    assert cuda_op.plan_stream_k(1792, 128, 132)["dp_tiles"] == 12 * 132
+
+
 def _h200_config() -> dict:
     return {**cuda_op.resolve_config("NVIDIA H200", cuda_op._all_configs()), "sm_count": 132}
 
@@ -660,7 +779,7 @@ def test_tc_split_plans_against_h200_measurements_cpu():
         ratios = []
         for r in data["records"]:
             n, k = shapes[r["shape"]]
-            p = cuda_op.plan_tc(r["M"], n, k, c)
+            p = cuda_op.plan_tc(r["M"], n, k, c, stream_k=False)  # (the split-K model; stream-K: its own A/B)
             best = min(v for key, v in r["us"].items() if key.startswith(f"{p['block_m']}/"))
             got = r["us"].get(f"{p['block_m']}/{p['splits']}")
             if got is not None:
@@ -675,8 +794,8 @@ def test_tc_split_plans_against_h200_measurements_cpu():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA toolkit) to compile-check kernels/")
 def test_kernels_compile_with_nvcc_cpu(tmp_path):
     """kernels/*.cu build for sm_90a and sm_80 with the flags of the JIT build (and flute_gemm.cu with
-    its experiment knobs changed); the wgmma kernels neither spill (one measured 4-byte exception) nor
-    get their MMAs serialised by ptxas (warning C7513)."""
+    its experiment knobs changed); the wgmma kernels (one-pass and stream-K) neither spill nor get their
+    MMAs serialised by ptxas (warnings C7513, C7512)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from flute_vllm import _build
@@ -714,6 +833,11 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     # (4-bit BN=128, at the 128-register cap for 2 CTAs/SM, kept 4 bytes on the stack until v15's
     # descriptor add freed the registers: none may spill now)
     assert all(int(stores) == 0 for _, _, stores in entries), entries
+    # the stream-K kernels (bits 2/3/4 x BN 64/256 x fp16/bf16): no spill, no serialised wgmma (C7512)
+    sk_entries = re.findall(r"Compiling entry function '([^']*lut_wgmma_sk_kernel[^']*)' for 'sm_90a'\n.*\n\s*(\d+) bytes "
+                            r"stack frame, (\d+) bytes spill stores", log)
+    assert len(sk_entries) == 12 and all(int(stores) == 0 for _, _, stores in sk_entries), sk_entries
+    assert "C7512" not in log, log[-3000:]
     # the build without the producer warp (FLUTE_WG_PRODUCER_BNS=0, the A/B baseline of v15)
     for job in ("flute_wgmma.cu+no-producer",):
         log = results[job].stderr
