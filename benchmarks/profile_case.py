@@ -29,13 +29,16 @@ def main(argv=None):
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--block-m", type=int, default=None, choices=cuda_op.TC_BLOCK_MS,
                     help="tensor-core path: activation rows per CTA (default: the config's tc_block_m)")
+    ap.add_argument("--stream-k", type=int, default=-1, choices=[-1, 0, 1],
+                    help="tensor-core path: stream-K (1) or split-K (0) plan (-1: the config's rule)")
     args = ap.parse_args(argv)
     for name in args.shapes.split(","):
         n, k = SHAPES[name]
         q, s, t = Layer(n, k, args.bits, args.group_size, torch.float16).copies[0]
         for m in (int(v) for v in args.ms.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            cuda_op.gemm(x, q, s, t, args.bits, args.group_size, force_path=args.path, block_m=args.block_m)
+            cuda_op.gemm(x, q, s, t, args.bits, args.group_size, force_path=args.path, block_m=args.block_m,
+                         stream_k=None if args.stream_k < 0 else bool(args.stream_k))
             torch.cuda.synchronize()
             print(f"{name} M={m} path={args.path or 'auto'}", flush=True)
 

@@ -521,7 +521,7 @@ def tc_overhead_chunks(cfg: dict, block_m: int) -> float:
 
 
 SK_BLOCK_MS = (64, 256)  # the block_m with a stream-K kernel (kernels/flute_wgmma.cu wgmma_stream_k)
-SK_MAX_ITEMS = 128  # kernels/flute_wgmma.cu kSkMaxItems: (tile, chunk range) items per stream-K CTA
+SK_MAX_ITEMS = 128  # kernels/flute_kernel.h kSkMaxItems: (tile, chunk range) items per stream-K CTA
 SK_MIN_UNITS = 4  # K chunks per stream-K CTA at least (a cut tile's partial and sum cost more than that)
 
 
@@ -539,7 +539,7 @@ def plan_stream_k(tiles: int, nch: int, ctas: int, min_units: int = SK_MIN_UNITS
     full = tiles // ctas
     dp_tiles = (full - 1) * ctas if full else 0
     units = max(-(-(tiles - dp_tiles) * nch // ctas), min_units)
-    items = max(full - 1, 0) + units // nch + 2  # whole tiles, then at most units / nch + 2 pieces
+    items = -(-dp_tiles // ctas) + units // nch + 2  # whole tiles, then at most units / nch + 2 pieces (sk_max_items)
     if items > SK_MAX_ITEMS:
         return None
     return {"ctas": ctas, "dp_tiles": dp_tiles, "units": units}

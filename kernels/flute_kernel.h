@@ -117,6 +117,12 @@ constexpr int kWgmmaRowsPerCta = 128;
 // its workspace is 2 * sk_ctas partial slots of block_m x kWgmmaRowsPerCta fp32, its counters one int per
 // tile of the stream-K region (< kSkFlagBase) and, from kSkFlagBase on, one "partial written" flag per slot.
 constexpr int kSkFlagBase = 32768;
+constexpr int kSkMaxItems = 128;  // (tile, chunk range) items per stream-K CTA, listed in its shared memory
+// The most items a CTA of the stream-K schedule (sk_ctas, sk_dp_tiles, sk_units) gets, for nch chunks per tile:
+// its whole tiles, then at most sk_units / nch + 2 pieces.
+inline int sk_max_items(int sk_ctas, int sk_dp_tiles, int sk_units, int nch) {
+  return (sk_dp_tiles + sk_ctas - 1) / sk_ctas + sk_units / nch + 2;
+}
 // The tensor-core kernels with at most this many activation rows per CTA (decode sizes) read X in
 // its own order, [M, K] (they gather the kernel layout's K order with 4-byte copies: a separate
 // permute kernel would cost more than the copies there); larger ones take X permuted, [M, Kp].

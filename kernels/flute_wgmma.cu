@@ -64,6 +64,12 @@ template <int BITS, int BN> struct WgmmaStages {
 // instructions per chunk, v14 ncu). v15 A/B on H200 (8 shapes, fp16 W4 g128): BN = 32 at M = 17 /
 // 32 0.925x the time, BN = 16 at M = 16 0.90x; BN = 64 (X is one 16-byte piece per consumer thread
 // there, so little to offload, and the register cap drops to 112) 1.165x.
+// Experiment (off; v19's ncu reading: at BN = 64 two CTAs per SM contend, the shared-memory pipe being
+// the suspect): 1 = when G >= 64 both halves of a chunk lie in one group, so its scales are read once
+// per chunk (2 LDS.U16 instead of 4 per warp).
+#ifndef FLUTE_WG_SCALE_REUSE
+#define FLUTE_WG_SCALE_REUSE 0
+#endif
 #ifndef FLUTE_WG_PRODUCER_BNS
 #define FLUTE_WG_PRODUCER_BNS (8 | 16 | 32)
 #endif
@@ -281,9 +287,7 @@ struct WgmmaProducer {
     k_half += 64;
   }
 };
-#endif  // FLUTE_HAS_WGMMA
 
-#if FLUTE_HAS_WGMMA
 // ---- pieces shared by the one-pass kernel (lut_wgmma_kernel) and the stream-K kernel ----
 
 // This warp's share of one ring stage besides X (the consumer-side refill; the producer warp has
@@ -311,9 +315,11 @@ __device__ __forceinline__ void wgmma_copy_ws(uint32_t stage, int warp, int lane
 // Decodes this warp's A fragments of one chunk from its ring stage (generic address `sg`): the packed
 // weights through the shared pair table (4-bit, use_pair) or byte permutes (tb), times the group
 // scales (one HMUL2 per register).
+// (one_group: G >= 64, both halves of the chunk in one group; read only with FLUTE_WG_SCALE_REUSE.)
 template <int BITS, int BN, typename T>
 __device__ __forceinline__ void wgmma_decode_chunk(const uint8_t* sg, int warp, int lane, bool use_pair,
-                                                   uint32_t pair_lane, const ByteTable& tb, uint32_t (&a)[4][4]) {
+                                                   uint32_t pair_lane, const ByteTable& tb, uint32_t (&a)[4][4],
+                                                   bool one_group) {
   using Smem = WgmmaSmem<BITS, BN, T>;
   using Pair = typename Smem::Pair;
   constexpr int CW = 32 * BITS;
@@ -334,6 +340,11 @@ __device__ __forceinline__ void wgmma_decode_chunk(const uint8_t* sg, int warp, 
   uint32_t s2[2][2];  // [half][row g / g + 8] scale pairs
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
+    if (FLUTE_WG_SCALE_REUSE && h == 1 && one_group) {
+      s2[1][0] = s2[0][0];
+      s2[1][1] = s2[0][1];
+      continue;
+    }
     const uint16_t lo = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g);
     const uint16_t hi = *reinterpret_cast<const uint16_t*>(ssc + 16 * h + g + 8);
     s2[h][0] = (uint32_t)lo * 0x10001u;
@@ -399,6 +410,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   const int nch = (p.K + 63) >> 6;
   const int ngroups = p.K / p.group_size;
   const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
+  const bool one_group = p.group_size >= 64;  // (FLUTE_WG_SCALE_REUSE)
   constexpr bool PRODUCER = wgmma_producer<BN>();
   const bool is_producer = PRODUCER && warp == kWgmmaTiles;  // the copying warp (wgmma_producer)
   const int tile_raw = blockIdx.x * kWgmmaTiles + warp;
@@ -559,7 +571,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy (a TMA-loaded X
     // tile was written by the async proxy already).
     if constexpr (!TMA_X) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    wgmma_decode_chunk<BITS, BN, T>(sgen + st * Smem::kStage, warp, lane, use_pair, pair_lane, tb, a);
+    wgmma_decode_chunk<BITS, BN, T>(sgen + st * Smem::kStage, warp, lane, use_pair, pair_lane, tb, a, one_group);
     wgmma_chunk_mma<BN, T, Smem::kStage>(acc, a, desc0_lo, desc0_hi, st);
     wgmma_wait<1>();  // chunk cc - 1's group is done: its registers and ring stage are free
     if (cc > cb) {
@@ -649,8 +661,8 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
 // per thread), so that the issue side and the consumer side each walk them with one index: the chunk
 // loop then holds no schedule state beyond it (the 128-register kernels spilled with two running
 // cursors and their divisions inlined in the loop).
-constexpr int kSkMaxItems = 128;  // <= the CTA's threads (1 KB: 2 KB would cost 4-bit BN = 64 its second CTA per SM);
-                                  // cuda_op.plan_stream_k keeps a CTA's items within it
+// (kSkMaxItems, flute_kernel.h: <= the CTA's threads; 1 KB of items: 2 KB would cost 4-bit BN = 64 its
+// second CTA per SM. cuda_op.plan_stream_k keeps a CTA's items within it, the binding checks.)
 struct SkItem {
   int bx_by;  // weight block bx | activation block by << 16
   int kb_ke;  // first chunk | end chunk << 16
@@ -715,6 +727,7 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int ntiles = p.N >> 4, nch = (p.K + 63) >> 6, ngroups = p.K / p.group_size;
   const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
+  const bool one_group = p.group_size >= 64;  // (FLUTE_WG_SCALE_REUSE)
   const int grid_x = (p.N + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta;
   const int tiles = grid_x * ((p.M + BN - 1) / BN);
   const T* scales = reinterpret_cast<const T*>(p.scales);
@@ -803,7 +816,7 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
   auto chunk = [&](uint32_t (&a)[4][4]) {
     if (i_more) refill();
     mbar_wait(full0 + 8 * st, st_phase);
-    wgmma_decode_chunk<BITS, BN, T>(sgen + st * Smem::kStage, warp, lane, use_pair, pair_lane, tb, a);
+    wgmma_decode_chunk<BITS, BN, T>(sgen + st * Smem::kStage, warp, lane, use_pair, pair_lane, tb, a, one_group);
     wgmma_chunk_mma<BN, T, Smem::kStage>(acc, a, desc0_lo, desc0_hi, st);
     wgmma_wait<1>();  // the previous chunk's group is done: its registers and ring stage are free
     if (have_rel) {

@@ -131,6 +131,8 @@ void gemm_wgmma_sk(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& 
   TORCH_CHECK(sk_ctas > 0 && sk_units > 0 && sk_dp_tiles >= 0 && sk_dp_tiles <= tiles &&
                   sk_ctas * sk_units >= (tiles - sk_dp_tiles) * nch,
               "flute: stream-K schedule (sk_ctas, sk_dp_tiles, sk_units) does not cover the GEMM");
+  TORCH_CHECK(flute::sk_max_items((int)sk_ctas, (int)sk_dp_tiles, (int)sk_units, (int)nch) <= flute::kSkMaxItems,
+              "flute: stream-K schedule gives a CTA more than ", flute::kSkMaxItems, " items");
   TORCH_CHECK(flute::wgmma_supported(),
               "flute: the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
   // (splits = 2 makes gemm_params check and set the workspace and counters; the kernel ignores splits)

@@ -522,6 +522,14 @@ def test_python_launch_geometry_mirrors_the_kernel_header_cpu():
     if torch.cuda.is_available():
         assert all(bool(cuda_op._ext().x_ahead_variant(b, mt, w)) == cuda_op.x_ahead_variant(b, mt, w)
                    for b in (2, 3, 4) for mt in (1, 2, 4, 8) for w in (4, 8))
+    # stream-K: the items a CTA may list, where its flags start in the counter buffer, which block_m have it
+    assert int(re.search(r"kSkMaxItems = (\d+);", header).group(1)) == cuda_op.SK_MAX_ITEMS
+    assert "return (sk_dp_tiles + sk_ctas - 1) / sk_ctas + sk_units / nch + 2;" in header
+    flag_base = int(re.search(r"kSkFlagBase = (\d+);", header).group(1))
+    assert flag_base + 2 * 1024 <= cuda_op.COUNTER_SLOTS  # room for the flags of 1024 CTAs (the binding checks)
+    wgmma = (_build.KERNEL_DIR / "flute_wgmma.cu").read_text()
+    assert "constexpr bool wgmma_stream_k() { return wgmma_tma_x<BN>() && BN != 128; }" in wgmma
+    assert cuda_op.SK_BLOCK_MS == (64, 256)
 
 
 def test_wide_ctas_only_where_configured_cpu():
@@ -812,7 +820,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
-    jobs["flute_wgmma.cu+no-producer"] = ("flute_wgmma.cu", ["-DFLUTE_WG_PRODUCER_BNS=0"], ["-gencode=arch=compute_90a,code=sm_90a"])
+    jobs["flute_wgmma.cu+no-producer"] = ("flute_wgmma.cu", ["-DFLUTE_WG_PRODUCER_BNS=0", "-DFLUTE_WG_SCALE_REUSE=1"],
+                                          ["-gencode=arch=compute_90a,code=sm_90a"])
 
     def compile_one(item):
         name, (src, extra, archs) = item
@@ -838,7 +847,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
                             r"stack frame, (\d+) bytes spill stores", log)
     assert len(sk_entries) == 12 and all(int(stores) == 0 for _, _, stores in sk_entries), sk_entries
     assert "C7512" not in log, log[-3000:]
-    # the build without the producer warp (FLUTE_WG_PRODUCER_BNS=0, the A/B baseline of v15)
+    # the build without the producer warp (FLUTE_WG_PRODUCER_BNS=0, the A/B baseline of v15), with the
+    # v19 scale-reuse experiment on
     for job in ("flute_wgmma.cu+no-producer",):
         log = results[job].stderr
         assert "C7513" not in log, log[-3000:]
