@@ -547,7 +547,7 @@ def plan_stream_k(tiles: int, nch: int, ctas: int, min_units: int = SK_MIN_UNITS
 
 def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, splits: Optional[int] = None,
             stream_k: Optional[bool] = None, sk_ctas: Optional[int] = None) -> dict:
-    """Launch plan of the tensor-core path: activation rows per CTA (8-256) and split-K.
+    """Launch plan of the tensor-core path: activation rows per CTA (8-256), and split-K or stream-K.
 
     block_m: the first ``[max_m, block_m]`` entry of ``cfg["tc_block_m"]`` with M <= max_m. Split-K
     minimises the same wave model as :func:`plan` (2 resident CTAs per SM for block_m 8-128, 1 for 256),
@@ -562,8 +562,9 @@ def plan_tc(m: int, n: int, k: int, cfg: dict, block_m: Optional[int] = None, sp
     ``cfg["tc_stream_k_min_chunks"]`` and tiles >= ``cfg["tc_stream_k_min_waves"]`` resident waves
     (absent: never). H200 v19 A/B against split-K: 70B gate_up M=64 187 vs 202 us, M=256 447 vs 481,
     70B qkv M=256 93 vs 103; a cut tile's fp32 partial costs more than the balance buys on short-K or
-    few-tile layers (8B gate_up M=256 126 vs 119, 70B o M=256 81 vs 76, 8B o M=64 24 vs 18). ``sk_ctas`` overrides the CTA count
-    (one per resident slot; tests use small counts to reach the whole-tile waves on small layers).
+    few-tile layers (8B gate_up M=256 126 vs 119, 70B o M=256 81 vs 76, 8B o M=64 24 vs 18).
+    ``sk_ctas`` overrides the CTA count (one per resident slot; tests use small counts to reach the
+    whole-tile waves on small layers).
     """
     if block_m is None:
         block_m = next(b for lim, b in cfg["tc_block_m"] if m <= lim)

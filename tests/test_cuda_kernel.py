@@ -303,8 +303,9 @@ def test_randomized_sweep():
             slab_bytes = rng.choice([0, 16 * 2 * c["k"] * rng.randint(1, 8)])  # whole matrix, or row slabs
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="dense", slab_bytes=slab_bytes)
         elif c["path"] == "tc_sk":  # stream-K: the device's CTA count, or a few (whole-tile waves on small layers)
-            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", block_m=rng.choice(cuda_op.SK_BLOCK_MS),
-                               stream_k=True, sk_ctas=rng.choice([None, rng.randint(1, 40)]))
+            out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc",
+                               block_m=rng.choice(cuda_op.SK_BLOCK_MS), stream_k=True,
+                               sk_ctas=rng.choice([None, rng.randint(1, 40)]))
         elif c["path"].startswith("tc"):
             splits = rng.randint(1, cuda_op._padded_k(c["k"]) // 64) if c["path"] == "tc_split" else None
             out = cuda_op.gemm(x, qk, sk, tk, c["bits"], c["g"], force_path="tc", splits=splits, block_m=c["block_m"])
@@ -392,9 +393,11 @@ def test_tensor_core_stream_k(dtype, bits):
     name = str(dtype).split(".")[-1]
     for block_m in cuda_op.SK_BLOCK_MS:
         resident = 1 if block_m == 256 else 2
-        assert ext.wgmma_ctas_per_sm(bits, block_m, name, True) == resident == ext.wgmma_ctas_per_sm(bits, block_m, name, False)
+        assert ext.wgmma_ctas_per_sm(bits, block_m, name, True) == resident
+        assert ext.wgmma_ctas_per_sm(bits, block_m, name, False) == resident
     gen = torch.Generator().manual_seed(13)
-    qweight, scales, tables, ends = _make_layer([512, 144, 128], 1440, bits, 32, dtype, ["nf", "random", "nf"], "cuda", gen)
+    qweight, scales, tables, ends = _make_layer([512, 144, 128], 1440, bits, 32, dtype, ["nf", "random", "nf"], "cuda",
+                                                gen)
     qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, bits, 32)
     for m in (1, 77, 300):
         x = torch.randn(m, 1440, device="cuda").to(dtype)
@@ -843,8 +846,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     # descriptor add freed the registers: none may spill now)
     assert all(int(stores) == 0 for _, _, stores in entries), entries
     # the stream-K kernels (bits 2/3/4 x BN 64/256 x fp16/bf16): no spill, no serialised wgmma (C7512)
-    sk_entries = re.findall(r"Compiling entry function '([^']*lut_wgmma_sk_kernel[^']*)' for 'sm_90a'\n.*\n\s*(\d+) bytes "
-                            r"stack frame, (\d+) bytes spill stores", log)
+    sk_entries = re.findall(r"Compiling entry function '([^']*lut_wgmma_sk_kernel[^']*)' for 'sm_90a'\n.*\n"
+                            r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores", log)
     assert len(sk_entries) == 12 and all(int(stores) == 0 for _, _, stores in sk_entries), sk_entries
     assert "C7512" not in log, log[-3000:]
     # the build without the producer warp (FLUTE_WG_PRODUCER_BNS=0, the A/B baseline of v15), with the
