@@ -646,15 +646,15 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
 }
 
 
-// ---- Stream-K: persistent CTAs over (tile, chunk) work, BN >= 64 ----------------------------------
+// ---- Stream-K: persistent CTAs over (tile, chunk) work, BN 64 / 256 --------------------------------
 // The work of a launch is tiles of 128 weight rows x BN activation rows (tile t: activation block
 // t / grid_x, weight block t % grid_x) of nch K chunks each. cuda_op.plan_stream_k divides it among
 // sk_ctas CTAs (one per resident slot, so the grid is one full wave): tiles below sk_dp_tiles whole,
 // CTA c taking c, c + sk_ctas, ...; then the remaining tiles' chunks in (tile, chunk) order,
 // sk_units consecutive chunks per CTA. A tile whose chunks all fall to one CTA is written directly;
-// a tile cut between CTAs is written as fp32 partials, one per contributor (CTA c writes its first
-// stream-K piece to slot c, its last to slot sk_ctas + c), and the last contributor to arrive sums
-// them in K order (deterministic) into the output. Unlike a split-K launch (one tile per CTA, every
+// of a tile cut between CTAs every contributor but the last to arrive writes its piece as fp32 to a
+// slot (CTA c's first stream-K piece to slot c, its last to slot sk_ctas + c), and the last sums the
+// pieces in K order (deterministic) into the output (details at the epilogue below). Unlike a split-K launch (one tile per CTA, every
 // tile's CTAs in their own wave), the grid has no partial last wave and each CTA fills its ring
 // once: the next tile's first chunks are in flight while a CTA finishes the previous one.
 // A CTA's items, (tile, chunks [kb, ke)) in order, are listed in shared memory once at the start (one

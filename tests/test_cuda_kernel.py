@@ -644,12 +644,10 @@ def test_stream_k_schedule_cpu():
             continue
         planned += 1
         seen = {}
-        work = []
         slots = set()
-        for c in range(ctas):
-            items = _sk_items(sk, nch, tiles, c)
+        items_of = [_sk_items(sk, nch, tiles, c) for c in range(ctas)]
+        for c, items in enumerate(items_of):
             assert len(items) <= cuda_op.SK_MAX_ITEMS
-            work.append(sum(ke - kb for _, kb, ke in items))
             for tile, kb, ke in items:
                 assert 0 <= kb < ke <= nch and 0 <= tile < tiles
                 seen.setdefault(tile, []).append((kb, ke, c))
@@ -672,8 +670,7 @@ def test_stream_k_schedule_cpu():
                 assert slot < 2 * sk["ctas"] and slot not in slots
                 slots.add(slot)
         # the stream-K region is shared to a chunk: a CTA's work is its whole tiles plus units (or less at the end)
-        sk_work = [w - nch * len([1 for t, kb, ke in _sk_items(sk, nch, tiles, c) if t < sk["dp_tiles"]])
-                   for c, w in enumerate(work)]
+        sk_work = [sum(ke - kb for t, kb, ke in items if t >= sk["dp_tiles"]) for items in items_of]
         assert max(sk_work) <= sk["units"]
         assert sum(sk_work) == (tiles - sk["dp_tiles"]) * nch
     assert planned > 150 and cut > 1000
