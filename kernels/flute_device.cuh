@@ -234,9 +234,9 @@ __device__ __forceinline__ ByteTable load_byte_table(const uint32_t* tp) {
   const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp)), h = __ldg(reinterpret_cast<const uint4*>(tp) + 1);
   return ByteTable{{l.x, l.y, l.z, l.w}, {h.x, h.y, h.z, h.w}};
 }
-// Whether two kernel-layout tables hold the same 16-bit values.
-__device__ __forceinline__ bool same_byte_table(const uint32_t* a, const uint32_t* b) {
-  const ByteTable x = load_byte_table(a), y = load_byte_table(b);
+// Whether two byte tables hold the same 16-bit values (a warp may use the CTA's shared pair table
+// only if its own tile's table is the one the pair table was built from).
+__device__ __forceinline__ bool same_byte_table(const ByteTable& x, const ByteTable& y) {
   bool same = true;
 #pragma unroll
   for (int i = 0; i < 4; ++i) same = same && x.lo[i] == y.lo[i] && x.hi[i] == y.hi[i];

@@ -184,23 +184,13 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
     ByteTable tb[NT];
     const T* scales = reinterpret_cast<const T*>(p.scales);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tile[nt] * kTableWords);
-      const uint4 l = __ldg(tp), h = __ldg(tp + 1);
-      tb[nt].lo[0] = l.x; tb[nt].lo[1] = l.y; tb[nt].lo[2] = l.z; tb[nt].lo[3] = l.w;
-      tb[nt].hi[0] = h.x; tb[nt].hi[1] = h.y; tb[nt].hi[2] = h.z; tb[nt].hi[3] = h.w;
-    }
+    for (int nt = 0; nt < NT; ++nt) tb[nt] = load_byte_table(p.tables + (size_t)tile[nt] * kTableWords);
     bool use_pair[NT];
     const uint32_t pair_lane = smem_addr(s_pair) + (BITS == 4 ? Pair::lane_offset(lane) : QuadTable::lane_offset(lane));
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       use_pair[nt] = false;
-      if constexpr (SMEM_TABLE) {
-        const uint4* tp0 = reinterpret_cast<const uint4*>(p.tables + (size_t)cta_tile0 * kTableWords);
-        const uint4 l = __ldg(tp0), h = __ldg(tp0 + 1);
-        use_pair[nt] = l.x == tb[nt].lo[0] && l.y == tb[nt].lo[1] && l.z == tb[nt].lo[2] && l.w == tb[nt].lo[3] &&
-                       h.x == tb[nt].hi[0] && h.y == tb[nt].hi[1] && h.z == tb[nt].hi[2] && h.w == tb[nt].hi[3];
-      }
+      if constexpr (SMEM_TABLE) use_pair[nt] = same_byte_table(tb[nt], load_byte_table(p.tables + (size_t)cta_tile0 * kTableWords));
     }
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* xrow[MT];

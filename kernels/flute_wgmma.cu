@@ -64,11 +64,12 @@ template <int BITS, int BN> struct WgmmaStages {
 // instructions per chunk, v14 ncu). v15 A/B on H200 (8 shapes, fp16 W4 g128): BN = 32 at M = 17 /
 // 32 0.925x the time, BN = 16 at M = 16 0.90x; BN = 64 (X is one 16-byte piece per consumer thread
 // there, so little to offload, and the register cap drops to 112) 1.165x.
-// Experiment (off; v19's ncu reading: at BN = 64 two CTAs per SM contend, the shared-memory pipe being
-// the suspect): 1 = when G >= 64 both halves of a chunk lie in one group, so its scales are read once
-// per chunk (2 LDS.U16 instead of 4 per warp).
+// Scale reuse (on since v20): when G >= 64 both halves of a chunk lie in one group, so its scales are
+// read once per chunk (2 LDS.U16 + 2 IMAD instead of 4 + 4 per thread). v20 A/B on H200 (8 shapes,
+// fp16 W4 g128, tc path, benchmarks/results/ab_v20_*): 0.981x the time (M = 256 0.977x, M = 64 1.003x);
+// a second run, shipped vs v19, 0.991x. 0 = read each half's scales (the v19 build).
 #ifndef FLUTE_WG_SCALE_REUSE
-#define FLUTE_WG_SCALE_REUSE 0
+#define FLUTE_WG_SCALE_REUSE 1
 #endif
 #ifndef FLUTE_WG_PRODUCER_BNS
 #define FLUTE_WG_PRODUCER_BNS (8 | 16 | 32)
@@ -394,6 +395,21 @@ __device__ __forceinline__ void wgmma_chunk_mma(float* acc, uint32_t (&a)[4][4],
 
 // Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
 // (BN <= 32 need 94-96, no spill; BN = 64 would spill, and `__maxnreg__` 112 lost there, v15).
+// put(m, n, v) for every output element of a warp's accumulators that lies inside the output (M rows):
+// acc[4j + q] is weight row tile*16 + g + 8*(q>>1) and activation row m0 + 8j + 2t + (q&1)
+// (the wgmma accumulator layout; g = lane / 4, t = lane % 4).
+template <int BN, typename F>
+__device__ __forceinline__ void wgmma_for_each_out(const float (&acc)[BN / 2], int lane, int tile, int m0, int M, F&& put) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int m = m0 + 8 * j + 2 * t + (q & 1);
+      if (m < M) put(m, tile * 16 + g + 8 * (q >> 1), acc[4 * j + q]);
+    }
+}
+
 template <int BITS, int BN, typename T>
 __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(
     const GemmParams p, const __grid_constant__ CUtensorMap tmap_x) {  // (tmap_x: read only where wgmma_tma_x<BN>())
@@ -405,7 +421,6 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   uint8_t* const sgen = smem_raw + (sbase - smem_addr(smem_raw));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2;
   const int ntiles = p.N >> 4;
   const int nch = (p.K + 63) >> 6;
   const int ngroups = p.K / p.group_size;
@@ -485,13 +500,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     k_next += 64;
   };
 
-  ByteTable tb;
-  {
-    const uint4* tp = reinterpret_cast<const uint4*>(p.tables + (size_t)tile * kTableWords);
-    const uint4 l = __ldg(tp), h = __ldg(tp + 1);
-    tb.lo[0] = l.x; tb.lo[1] = l.y; tb.lo[2] = l.z; tb.lo[3] = l.w;
-    tb.hi[0] = h.x; tb.hi[1] = h.y; tb.hi[2] = h.z; tb.hi[3] = h.w;
-  }
+  const ByteTable tb = load_byte_table(p.tables + (size_t)tile * kTableWords);
 
   float acc[NACC];
   zero_fill(acc);
@@ -541,9 +550,7 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
     const int cta_tile0 = min((int)blockIdx.x * kWgmmaTiles, ntiles - 1);
     const uint32_t* tp0 = p.tables + (size_t)cta_tile0 * kTableWords;
     build_pair_table<Pair::kCopies>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), tp0);
-    const uint4 l = __ldg(reinterpret_cast<const uint4*>(tp0)), h = __ldg(reinterpret_cast<const uint4*>(tp0) + 1);
-    use_pair = l.x == tb.lo[0] && l.y == tb.lo[1] && l.z == tb.lo[2] && l.w == tb.lo[3] &&
-               h.x == tb.hi[0] && h.y == tb.hi[1] && h.z == tb.hi[2] && h.w == tb.hi[3];
+    use_pair = same_byte_table(tb, load_byte_table(tp0));
     __syncthreads();  // the pair table is complete before any lookup
   }
 
@@ -607,19 +614,9 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   }
   cp_async_wait<0>();
 
-  // Epilogue. acc[4j + q]: weight row n = tile*16 + g + 8*(q>>1), activation row m = m0 + 8j + 2t + (q&1).
-  const int t = lane & 3;
-  const int n_lo = tile * 16 + g;
-  // for_each_out(put): put(m, n, v) for every valid output element of this warp.
+  // Epilogue: put(m, n, v) for every valid output element of this warp.
   auto for_each_out = [&](auto&& put) {
-    if (!tile_ok) return;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int m = m0 + 8 * j + 2 * t + (q & 1);
-        if (m < p.M) put(m, n_lo + 8 * (q >> 1), acc[4 * j + q]);
-      }
+    if (tile_ok) wgmma_for_each_out<BN>(acc, lane, tile, m0, p.M, put);
   };
   T* out = reinterpret_cast<T*>(p.out);
   if (p.splits == 1) {
@@ -666,6 +663,10 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
 struct SkItem {
   int bx_by;  // weight block bx | activation block by << 16
   int kb_ke;  // first chunk | end chunk << 16
+  __device__ int bx() const { return bx_by & 0xFFFF; }
+  __device__ int by() const { return bx_by >> 16; }
+  __device__ int kb() const { return kb_ke & 0xFFFF; }
+  __device__ int ke() const { return kb_ke >> 16; }
 };
 // The number of items of CTA c, and item i of them (i < that number).
 __device__ __forceinline__ int sk_dp_items(const GemmParams& p, int c) {
@@ -727,7 +728,8 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int ntiles = p.N >> 4, nch = (p.K + 63) >> 6, ngroups = p.K / p.group_size;
   const int gshift = (ngroups == 1) ? 31 : (31 - __clz(p.group_size));
-  const bool one_group = p.group_size >= 64;  // (FLUTE_WG_SCALE_REUSE)
+  // (FLUTE_WG_SCALE_REUSE; not at BN = 64, where the 4-bit kernel then spills 12 B at its 128-register cap)
+  const bool one_group = BN == 256 && p.group_size >= 64;
   const int grid_x = (p.N + kWgmmaRowsPerCta - 1) / kWgmmaRowsPerCta;
   const int tiles = grid_x * ((p.M + BN - 1) / BN);
   const T* scales = reinterpret_cast<const T*>(p.scales);
@@ -755,7 +757,7 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
   int k_next = 0, x_col = 0, x_row = 0;
   auto issue_item = [&]() {  // sets up item i_item (< n_items)
     const SkItem it = s_items[i_item];
-    const int bx = it.bx_by & 0xFFFF, kb = it.kb_ke & 0xFFFF;
+    const int bx = it.bx(), kb = it.kb();
     // (Everything here is re-derived from the parameters and %tid.x read afresh, so that the compiler
     // does not hoist these products out of the chunk loop and keep them live through it.)
     const uint32_t* qw = p.qweight;
@@ -768,8 +770,8 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
     sc_src = sc + (size_t)wt * ng * 16 + 2 * (llane & 7);
     k_next = (kb << 6) + 32 * ((llane >> 3) & 1);
     x_col = kb << 6;
-    x_row = (it.bx_by >> 16) * BN;
-    i_left = (it.kb_ke >> 16) - kb;
+    x_row = it.by() * BN;
+    i_left = it.ke() - kb;
   };
   bool i_more = n_items > 0;
   if (i_more) issue_item();
@@ -798,7 +800,7 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
   // 4-bit: the pair table of the CTA's first tile, built while the first copies fly; a warp whose
   // item's tile has another table (a fused-shard boundary) decodes that item with byte permutes.
   const uint32_t pair_lane = sbase + STAGES * Smem::kStage + Pair::lane_offset(lane);
-  const uint32_t* pair_src = p.tables + (size_t)min(n_items > 0 ? (s_items[0].bx_by & 0xFFFF) * kWgmmaTiles : 0, ntiles - 1) * kTableWords;
+  const uint32_t* pair_src = p.tables + (size_t)min(n_items > 0 ? s_items[0].bx() * kWgmmaTiles : 0, ntiles - 1) * kTableWords;
   if constexpr (BITS == 4) {
     build_pair_table<Pair::kCopies>(reinterpret_cast<uint32_t*>(sgen + STAGES * Smem::kStage), pair_src);
     __syncthreads();
@@ -830,13 +832,13 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
 
   for (int item = 0; item < n_items; ++item) {
     const SkItem itm = s_items[item];
-    const int bx = itm.bx_by & 0xFFFF, by = itm.bx_by >> 16, kb = itm.kb_ke & 0xFFFF, ke = itm.kb_ke >> 16;
+    const int bx = itm.bx(), by = itm.by(), kb = itm.kb(), ke = itm.ke();
     const int tile = by * grid_x + bx, m0 = by * BN;
     const int wt_raw = bx * kWgmmaTiles + warp;
     const bool tile_ok = wt_raw < ntiles;
     const int wt = min(wt_raw, ntiles - 1);
     tb = load_byte_table(p.tables + (size_t)wt * kTableWords);
-    if constexpr (BITS == 4) use_pair = same_byte_table(p.tables + (size_t)wt * kTableWords, pair_src);
+    if constexpr (BITS == 4) use_pair = same_byte_table(tb, load_byte_table(pair_src));
     zero_fill(acc);
     {
       uint32_t a0[4][4], a1[4][4];
@@ -940,18 +942,11 @@ __global__ void __launch_bounds__(kWgmmaTiles * 32, wgmma_min_blocks<BN>()) lut_
           if (c != me) flags[sk_slot(p, nch, j, c)] = 0;
       }
     }
-    // The whole tile (this CTA's alone, or summed above). acc[4j + q]: weight row wt*16 + g + 8*(q>>1),
-    // activation row m0 + 8j + 2t + (q&1).
+    // The whole tile (this CTA's alone, or summed above).
     if (tile_ok) {
-      const int g = lane >> 2, t = lane & 3;
       T* out = reinterpret_cast<T*>(p.out);
-#pragma unroll
-      for (int jj = 0; jj < BN / 8; ++jj)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int m = m0 + 8 * jj + 2 * t + (q & 1);
-          if (m < p.M) out[(size_t)m * p.N + wt * 16 + g + 8 * (q >> 1)] = TypeOps<T>::from_float(acc[4 * jj + q]);
-        }
+      wgmma_for_each_out<BN>(acc, lane, wt, m0, p.M,
+                             [&](int m, int n, float v) { out[(size_t)m * p.N + n] = TypeOps<T>::from_float(v); });
     }
   }
   cp_async_wait<0>();

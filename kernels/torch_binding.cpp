@@ -1,31 +1,61 @@
 // Thin torch binding of the torch-free launch API (flute_kernel.h). All argument validation with
 // readable messages happens in flute_vllm/cuda_op.py before these are called; the checks here only
-// guard memory safety. Launches go to the current CUDA stream: capture-safe, no allocation, no sync.
+// guard memory safety (and raise ValueError too). Launches go to the current CUDA stream: capture-safe, no allocation, no sync.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
 #include "flute_kernel.h"
 
 namespace {
+
+// Errors are raised by pybind11 inside this module: bad arguments as ValueError, failed launches as
+// RuntimeError, each message starting "flute: ". Messages are built with std::to_string and string
+// appends only: on the H200 image (torch 2.11.0+cu130, this file JIT-built by g++ 13.3) formatting a
+// number through an std::ostream (TORCH_CHECK's c10::str, std::ostringstream) killed the process
+// with SIGSEGV, while plain strings and std::to_string worked (v20 probe).
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+template <typename V, typename = std::enable_if_t<std::is_arithmetic_v<V>>>
+void append(std::string& s, V v) { s += std::to_string(v); }
+template <typename E, typename... Args>
+[[noreturn]] void throw_error(const Args&... args) {
+  std::string msg = "flute: ";
+  (append(msg, args), ...);
+  throw E(msg);
+}
+#define FLUTE_CHECK(cond, ...) \
+  do {                         \
+    if (!(cond)) throw_error<pybind11::value_error>(__VA_ARGS__); \
+  } while (0)
+#define FLUTE_CHECK_CUDA(err, ...) \
+  do {                             \
+    if ((err) != cudaSuccess) throw_error<std::runtime_error>(__VA_ARGS__); \
+  } while (0)
 
 flute::DType dtype_of(const torch::Tensor& t) {
   switch (t.scalar_type()) {
     case torch::kFloat16: return flute::DType::kF16;
     case torch::kBFloat16: return flute::DType::kBF16;
     case torch::kFloat32: return flute::DType::kF32;
-    default: TORCH_CHECK(false, "flute: unsupported dtype ", t.scalar_type());
+    default: throw_error<pybind11::value_error>("unsupported dtype ", t.scalar_type());
   }
 }
 
 void check_cuda(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "flute: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.is_contiguous(), "flute: ", name, " must be contiguous");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "flute: ", name, " must be 16-byte aligned");
+  FLUTE_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  FLUTE_CHECK(t.is_contiguous(), name, " must be contiguous");
+  FLUTE_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
 }
 
-// Shared checks of both GEMM entry points and their launch parameters. x is [M, K] (or, for the
-// tensor-core path, [M, Kp] permuted); workspace fp32 (may be empty when splits == 1), counters int32.
+// Shared checks of the GEMM entry points and their launch parameters. x is [M, K] (or, for the
+// tensor-core path, [M, Kp] permuted). workspace_floats / counter_slots: what the launch needs of the
+// fp32 workspace and the int32 counters (0 when it uses none: they may then be empty).
 flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Tensor& qweight,
                               const torch::Tensor& scales, const torch::Tensor& tables, torch::Tensor& out,
                               torch::Tensor& workspace, torch::Tensor& counters, int64_t bits, int64_t group_size,
@@ -37,15 +67,18 @@ flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Te
   check_cuda(tables, "tables");
   check_cuda(out, "out");
   const int64_t M = x.size(0), N = out.size(1);
-  TORCH_CHECK(out.size(0) == M, "flute: out rows");
-  TORCH_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "flute: qweight size");
-  TORCH_CHECK(scales.numel() == N * (K / group_size), "flute: scales size");
-  TORCH_CHECK(tables.numel() == (N / 16) * flute::kTableWords, "flute: tables size");
-  if (splits > 1) {
+  FLUTE_CHECK(out.size(0) == M, "out rows");
+  FLUTE_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "qweight size");
+  FLUTE_CHECK(scales.numel() == N * (K / group_size), "scales size");
+  FLUTE_CHECK(tables.numel() == (N / 16) * flute::kTableWords, "tables size");
+  const bool reduces = workspace_floats > 0;  // split-K or stream-K: partials + arrival counters
+  if (reduces) {
     check_cuda(workspace, "workspace");
     check_cuda(counters, "counters");
-    TORCH_CHECK(workspace.numel() >= workspace_floats, "flute: workspace too small");
-    TORCH_CHECK(counters.numel() >= counter_slots, "flute: counters too small");
+    FLUTE_CHECK(workspace.numel() >= workspace_floats, "workspace too small: ", workspace.numel(),
+                " floats, the launch needs ", workspace_floats);
+    FLUTE_CHECK(counters.numel() >= counter_slots, "counters too small: ", counters.numel(),
+                " ints, the launch needs ", counter_slots);
   }
   flute::GemmParams p{};
   p.x = x.data_ptr();
@@ -53,8 +86,8 @@ flute::GemmParams gemm_params(const torch::Tensor& x, int64_t K, const torch::Te
   p.scales = scales.data_ptr();
   p.tables = reinterpret_cast<const uint32_t*>(tables.data_ptr());
   p.out = out.data_ptr();
-  p.workspace = splits > 1 ? workspace.data_ptr<float>() : nullptr;
-  p.counters = splits > 1 ? counters.data_ptr<int>() : nullptr;
+  p.workspace = reduces ? workspace.data_ptr<float>() : nullptr;
+  p.counters = reduces ? counters.data_ptr<int>() : nullptr;
   p.M = (int)M; p.N = (int)N; p.K = (int)K;
   p.bits = (int)bits; p.group_size = (int)group_size;
   p.splits = (int)splits; p.chunks_per_split = (int)chunks_per_split; p.m_tiles = (int)m_tiles;
@@ -68,23 +101,24 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
           const torch::Tensor& tables, torch::Tensor& out, torch::Tensor& workspace, torch::Tensor& counters,
           int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t m_tiles,
           int64_t warps, int64_t x_ahead, int64_t k_slices) {
-  TORCH_CHECK(warps == flute::kWarpsPerCta || (warps == flute::kWideWarpsPerCta && flute::gemm_wide_ok((int)m_tiles)),
-              "flute: warps=", warps, " must be ", flute::kWarpsPerCta, ", or ", flute::kWideWarpsPerCta,
+  FLUTE_CHECK(warps == flute::kWarpsPerCta || (warps == flute::kWideWarpsPerCta && flute::gemm_wide_ok((int)m_tiles)),
+              "warps=", warps, " must be ", flute::kWarpsPerCta, ", or ", flute::kWideWarpsPerCta,
               " with m_tiles <= ", FLUTE_LUT_WIDE_MAX_MT);
-  TORCH_CHECK(flute::gemm_k_slices_ok((int)bits, (int)m_tiles, (int)warps, (int)x_ahead, (int)k_slices),
-              "flute: k_slices=", k_slices, " is not built for bits=", bits, ", m_tiles=", m_tiles, ", warps=", warps,
+  FLUTE_CHECK(flute::gemm_k_slices_ok((int)bits, (int)m_tiles, (int)warps, (int)x_ahead, (int)k_slices),
+              "k_slices=", k_slices, " is not built for bits=", bits, ", m_tiles=", m_tiles, ", warps=", warps,
               ", x_ahead=", x_ahead, " (1, or 2 / 4 / 8 <= warps with m_tiles <= bits: flute_kernel.h gemm_k_slices_ok)");
   const int64_t M = x.size(0), N = out.size(1);
   const int64_t m_chunks = flute::gemm_m_chunks((int)M, (int)m_tiles);
   flute::GemmParams p = gemm_params(x, x.size(1), qweight, scales, tables, out, workspace, counters, bits,
-                                    group_size, splits, chunks_per_split, m_tiles, m_chunks * splits * 8 * m_tiles * N,
+                                    group_size, splits, chunks_per_split, m_tiles,
+                                    splits > 1 ? m_chunks * splits * 8 * m_tiles * N : 0,
                                     m_chunks * flute::gemm_grid_x((int)N, (int)m_tiles, (int)warps, (int)k_slices));
   p.warps = (int)warps;
   p.k_slices = (int)k_slices;
   p.x_ahead = (int)x_ahead;
   const at::cuda::CUDAGuard guard(x.device());
   const cudaError_t err = flute::launch_gemm(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "flute: gemm launch failed: ", cudaGetErrorString(err));
+  FLUTE_CHECK_CUDA(err, "gemm launch failed: ", cudaGetErrorString(err));
 }
 
 // Tensor-core path (sm_90a): out[M, N] = x @ W^T with x_perm the activations permuted to the kernel
@@ -96,23 +130,23 @@ void gemm_wgmma(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qwe
                 int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t block_m) {
   const at::cuda::CUDAGuard guard(x_perm.device());  // wgmma_supported() asks the current device
   const int64_t M = x_perm.size(0), N = out.size(1);
-  TORCH_CHECK(K % 32 == 0, "flute: K must be a multiple of 32");
+  FLUTE_CHECK(K % 32 == 0, "K must be a multiple of 32");
   if (block_m <= flute::kWgmmaGatherMaxRows) {
-    TORCH_CHECK(x_perm.size(1) == K, "flute: at block_m <= ", flute::kWgmmaGatherMaxRows,
+    FLUTE_CHECK(x_perm.size(1) == K, "at block_m <= ", flute::kWgmmaGatherMaxRows,
                 " x must be [M, K], not permuted");
   } else {
-    TORCH_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "flute: x_perm must be [M, K rounded up to 64]");
+    FLUTE_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "x_perm must be [M, K rounded up to 64]");
   }
-  TORCH_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 64 || block_m == 128 || block_m == 256,
-              "flute: block_m must be 8, 16, 32, 64, 128 or 256");
-  TORCH_CHECK(flute::wgmma_supported(),
-              "flute: the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
+  FLUTE_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 64 || block_m == 128 || block_m == 256,
+              "block_m must be 8, 16, 32, 64, 128 or 256");
+  FLUTE_CHECK(flute::wgmma_supported(),
+              "the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
   const flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits,
-                                          group_size, splits, chunks_per_split, block_m / 8, splits * M * N,
+                                          group_size, splits, chunks_per_split, block_m / 8, splits > 1 ? splits * M * N : 0,
                                           flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m));
   const char* step = "";
   const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream(), &step);
-  TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
+  FLUTE_CHECK_CUDA(err, "wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
 }
 
 // The same GEMM with the stream-K schedule (block_m 64 or 256; cuda_op.plan_stream_k): sk_ctas
@@ -124,28 +158,28 @@ void gemm_wgmma_sk(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& 
                    int64_t sk_units) {
   const at::cuda::CUDAGuard guard(x_perm.device());
   const int64_t M = x_perm.size(0), N = out.size(1);
-  TORCH_CHECK(K % 32 == 0, "flute: K must be a multiple of 32");
-  TORCH_CHECK(block_m == 64 || block_m == 256, "flute: stream-K is built for block_m 64 and 256, not ", block_m);
-  TORCH_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "flute: x_perm must be [M, K rounded up to 64]");
+  FLUTE_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  FLUTE_CHECK(block_m == 64 || block_m == 256, "stream-K is built for block_m 64 and 256, not ", block_m);
+  FLUTE_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "x_perm must be [M, K rounded up to 64]");
   const int64_t nch = (K + 63) / 64, tiles = flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m);
-  TORCH_CHECK(sk_ctas > 0 && sk_units > 0 && sk_dp_tiles >= 0 && sk_dp_tiles <= tiles &&
+  FLUTE_CHECK(sk_ctas > 0 && sk_units > 0 && sk_dp_tiles >= 0 && sk_dp_tiles <= tiles &&
                   sk_ctas * sk_units >= (tiles - sk_dp_tiles) * nch,
-              "flute: stream-K schedule (sk_ctas, sk_dp_tiles, sk_units) does not cover the GEMM");
-  TORCH_CHECK(flute::sk_max_items((int)sk_ctas, (int)sk_dp_tiles, (int)sk_units, (int)nch) <= flute::kSkMaxItems,
-              "flute: stream-K schedule gives a CTA more than ", flute::kSkMaxItems, " items");
-  TORCH_CHECK(flute::wgmma_supported(),
-              "flute: the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
-  // (splits = 2 makes gemm_params check and set the workspace and counters; the kernel ignores splits)
+              "stream-K schedule (sk_ctas, sk_dp_tiles, sk_units) does not cover the GEMM");
+  FLUTE_CHECK(flute::sk_max_items((int)sk_ctas, (int)sk_dp_tiles, (int)sk_units, (int)nch) <= flute::kSkMaxItems,
+              "stream-K schedule gives a CTA more than ", flute::kSkMaxItems, " items");
+  FLUTE_CHECK(flute::wgmma_supported(),
+              "the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
+  // (splits: unused by the stream-K kernel)
   flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits, group_size,
-                                    2, nch, block_m / 8, 2 * sk_ctas * block_m * flute::kWgmmaRowsPerCta,
+                                    1, nch, block_m / 8, 2 * sk_ctas * block_m * flute::kWgmmaRowsPerCta,
                                     flute::kSkFlagBase + 2 * sk_ctas);
-  TORCH_CHECK(tiles - sk_dp_tiles <= flute::kSkFlagBase, "flute: stream-K region too large for the counters");
+  FLUTE_CHECK(tiles - sk_dp_tiles <= flute::kSkFlagBase, "stream-K region too large for the counters");
   p.sk_ctas = (int)sk_ctas;
   p.sk_dp_tiles = (int)sk_dp_tiles;
   p.sk_units = (int)sk_units;
   const char* step = "";
   const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream(), &step);
-  TORCH_CHECK(err == cudaSuccess, "flute: wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
+  FLUTE_CHECK_CUDA(err, "wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
 }
 
 bool wgmma_supported(int64_t device_index) {
@@ -161,9 +195,9 @@ void dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const to
   check_cuda(tables, "tables");
   check_cuda(out, "out");
   const int64_t N = out.size(0), K = out.size(1);
-  TORCH_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "flute: qweight size");
-  TORCH_CHECK(scales.numel() == N * (K / group_size), "flute: scales size");
-  TORCH_CHECK(scales.scalar_type() == out.scalar_type(), "flute: scales dtype must match out");
+  FLUTE_CHECK(qweight.numel() * 32 == N * ((K + 63) / 64 * 64) * bits, "qweight size");
+  FLUTE_CHECK(scales.numel() == N * (K / group_size), "scales size");
+  FLUTE_CHECK(scales.scalar_type() == out.scalar_type(), "scales dtype must match out");
   const at::cuda::CUDAGuard guard(out.device());
   flute::DequantParams p{};
   p.qweight = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
@@ -173,7 +207,7 @@ void dequant(const torch::Tensor& qweight, const torch::Tensor& scales, const to
   p.N = (int)N; p.K = (int)K; p.bits = (int)bits; p.group_size = (int)group_size;
   p.dtype = dtype_of(out);
   const cudaError_t err = flute::launch_dequant(p, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "flute: dequant launch failed: ", cudaGetErrorString(err));
+  FLUTE_CHECK_CUDA(err, "dequant launch failed: ", cudaGetErrorString(err));
 }
 
 int64_t ctas_per_sm(int64_t bits, int64_t m_tiles, const std::string& dtype, int64_t warps, int64_t x_ahead) {

@@ -413,6 +413,66 @@ def test_tensor_core_stream_k(dtype, bits):
 
 
 @needs_cuda
+def test_binding_rejects_bad_arguments_with_value_error():
+    """The extension's own checks (behind cuda_op's) raise ValueError naming the argument, in the
+    mma.sync, tensor-core and dequantize bindings alike, rather than crash the process (v20: a
+    formatted TORCH_CHECK message killed it with SIGSEGV on the H200 image)."""
+    ext = cuda_op._ext()
+    gen = torch.Generator().manual_seed(19)
+    qweight, scales, tables, ends = _make_layer([256], 256, 4, 128, torch.float16, ["nf"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, 4, 128)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    out = torch.empty(1, 256, dtype=x.dtype, device="cuda")
+    ws, counters = torch.empty(0, device="cuda"), cuda_op._counters_for(x.device)
+    with pytest.raises(ValueError, match="warps=5"):
+        ext.gemm(x, qk, sk, tk, out, ws, counters, 4, 128, 1, 4, 1, 5, 0, 1)
+    with pytest.raises(ValueError, match="qweight size"):
+        ext.gemm(x, qk.reshape(-1)[: qk.numel() // 2], sk, tk, out, ws, counters, 4, 128, 1, 4, 1, 4, 0, 1)
+    with pytest.raises(ValueError, match="workspace"):  # split-K with no workspace
+        ext.gemm(x, qk, sk, tk, out, ws, counters, 4, 128, 2, 2, 1, 4, 0, 1)
+    with pytest.raises(ValueError, match="scales dtype"):
+        ext.dequant(qk, sk, tk, torch.empty(256, 256, dtype=torch.bfloat16, device="cuda"), 4, 128)
+    if cuda_op.tc_available(torch.cuda.current_device()):
+        with pytest.raises(ValueError, match="block_m"):
+            ext.gemm_wgmma(x, 256, qk, sk, tk, out, ws, counters, 4, 128, 1, 4, 24)
+
+
+@needs_cuda
+def test_tensor_core_stream_k_rejects_bad_launches():
+    """The stream-K binding refuses with a ValueError (not a crash), before any launch, a schedule that gives a CTA more items than the
+    kernel lists (kSkMaxItems), one that does not cover the GEMM, and a workspace smaller than the
+    schedule's partial slots."""
+    if not cuda_op.tc_available(torch.cuda.current_device()):
+        pytest.skip("needs an sm_90 GPU (Hopper) for the wgmma tensor-core path")
+    ext = cuda_op._ext()
+    gen = torch.Generator().manual_seed(17)
+    n, k, m, block_m = 784, 1440, 1200, 64
+    qweight, scales, tables, ends = _make_layer([n], k, 4, 32, torch.float16, ["nf"], "cuda", gen)
+    qk, sk, tk = ops.prepare_weights(qweight, scales, tables, ends, 4, 32)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    xp = cuda_op.permute_activations(x)
+    out = torch.empty(m, n, dtype=x.dtype, device="cuda")
+    counters = cuda_op._counters_for(x.device)
+    nch, tiles = (k + 63) // 64, -(-n // cuda_op.TC_ROWS_PER_CTA) * -(-m // block_m)
+    assert tiles > 128
+
+    def launch(sk_ctas, sk_dp_tiles, sk_units, ws_floats=None):
+        ws = torch.empty(2 * sk_ctas * block_m * cuda_op.TC_ROWS_PER_CTA if ws_floats is None else ws_floats,
+                         dtype=torch.float32, device="cuda")
+        ext.gemm_wgmma_sk(xp, k, qk, sk, tk, out, ws, counters, 4, 32, block_m, sk_ctas, sk_dp_tiles, sk_units)
+
+    with pytest.raises(ValueError, match="more than 128 items"):
+        launch(1, 0, tiles * nch)  # one CTA, every tile an item of it
+    with pytest.raises(ValueError, match="does not cover"):
+        launch(4, 0, 1)
+    with pytest.raises(ValueError, match="workspace too small"):
+        launch(132, tiles - 3, 17, ws_floats=16)
+    launch(132, tiles - 3, 17)  # the same schedule (3 tiles cut between 5 CTAs) with its workspace: right
+    ref = _reference(x, qweight, scales, tables, ends, 4, 32)
+    assert _rel_err(out, ref) < _tol(torch.float16)
+
+
+@needs_cuda
 def test_fp32_activations_use_dense_path():
     gen = torch.Generator().manual_seed(3)
     qweight, scales, tables, ends = _make_layer([64, 64], 256, 4, 64, torch.float32, ["nf", "fp"], "cuda", gen)
@@ -820,7 +880,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
-    jobs["flute_wgmma.cu+no-producer"] = ("flute_wgmma.cu", ["-DFLUTE_WG_PRODUCER_BNS=0", "-DFLUTE_WG_SCALE_REUSE=1"],
+    jobs["flute_wgmma.cu+no-producer"] = ("flute_wgmma.cu", ["-DFLUTE_WG_PRODUCER_BNS=0", "-DFLUTE_WG_SCALE_REUSE=0"],
                                           ["-gencode=arch=compute_90a,code=sm_90a"])
 
     def compile_one(item):
@@ -847,8 +907,8 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
                             r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores", log)
     assert len(sk_entries) == 12 and all(int(stores) == 0 for _, _, stores in sk_entries), sk_entries
     assert "C7512" not in log, log[-3000:]
-    # the build without the producer warp (FLUTE_WG_PRODUCER_BNS=0, the A/B baseline of v15), with the
-    # v19 scale-reuse experiment on
+    # the build without the producer warp (FLUTE_WG_PRODUCER_BNS=0, the A/B baseline of v15), with
+    # scale reuse off (v19's build)
     for job in ("flute_wgmma.cu+no-producer",):
         log = results[job].stderr
         assert "C7513" not in log, log[-3000:]
