@@ -393,8 +393,6 @@ __device__ __forceinline__ void wgmma_chunk_mma(float* acc, uint32_t (&a)[4][4],
 }
 #endif  // FLUTE_HAS_WGMMA
 
-// Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
-// (BN <= 32 need 94-96, no spill; BN = 64 would spill, and `__maxnreg__` 112 lost there, v15).
 // put(m, n, v) for every output element of a warp's accumulators that lies inside the output (M rows):
 // acc[4j + q] is weight row tile*16 + g + 8*(q>>1) and activation row m0 + 8j + 2t + (q&1)
 // (the wgmma accumulator layout; g = lane / 4, t = lane % 4).
@@ -410,6 +408,8 @@ __device__ __forceinline__ void wgmma_for_each_out(const float (&acc)[BN / 2], i
     }
 }
 
+// Register cap: 2 CTAs/SM (1 at BN = 256); with the producer warp (288 threads) ptxas caps at 96
+// (BN <= 32 need 94-96, no spill; BN = 64 would spill, and `__maxnreg__` 112 lost there, v15).
 template <int BITS, int BN, typename T>
 __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) lut_wgmma_kernel(
     const GemmParams p, const __grid_constant__ CUtensorMap tmap_x) {  // (tmap_x: read only where wgmma_tma_x<BN>())
