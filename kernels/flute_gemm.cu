@@ -30,6 +30,9 @@
 #ifndef FLUTE_LUT_STAGES
 #define FLUTE_LUT_STAGES 4  // chunks in flight per warp, power of two (v5: 8 -> 4)
 #endif
+#ifndef FLUTE_LUT_FLOOR
+#define FLUTE_LUT_FLOOR 0  // experiment, timing only (wrong results): 1 = no ring refills after the prologue,
+#endif                     // the chunk loop decodes resident slots: the loop's floor without weight traffic
 #ifndef FLUTE_LUT_MIXED_MIN_MT
 #define FLUTE_LUT_MIXED_MIN_MT 4  // MT >= this: 4-bit odd k-steps decode a[2], a[3] by byte permutes (v6), else all
                                   // by pair table (v9 at MT <= 2; v6-v8 used 1, mixed everywhere)
@@ -309,7 +312,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
       for (int cc = cb; cc < ce; ++cc) {
         cp_async_wait<STAGES - 2>();  // chunk cc has landed (this lane's copies)
         __syncwarp();                  // ... and every lane's; everyone is done with the previous slot
-        if (cc + STAGES - 1 < ce) issue((slot + STAGES - 1) & (STAGES - 1));
+        if (!FLUTE_LUT_FLOOR && cc + STAGES - 1 < ce) issue((slot + STAGES - 1) & (STAGES - 1));
         cp_async_commit();
 
         Frag<BITS> f[NT];

@@ -71,6 +71,15 @@ template <int BITS, int BN> struct WgmmaStages {
 #ifndef FLUTE_WG_SCALE_REUSE
 #define FLUTE_WG_SCALE_REUSE 1
 #endif
+// Experiment, for timing only (the results are wrong): 1 = the one-pass kernel without a producer
+// (BN >= 64) fills its first PD stages once and then runs its chunk loop over the resident stages
+// with no refills and no barrier waits after the first pass: the consumer loop's floor (decode, scale,
+// wgmma, loop) without memory or ring. v20 left open whether the ring or the loop bounds the tc path
+// (fewer ring instructions did not pay); `ab_kernel.py -v b@tc= -v floor@tc=-DFLUTE_WG_FLOOR=1
+// --ms 64,256` (the floor is flagged WRONG, as it should be) answers it.
+#ifndef FLUTE_WG_FLOOR
+#define FLUTE_WG_FLOOR 0
+#endif
 #ifndef FLUTE_WG_PRODUCER_BNS
 #define FLUTE_WG_PRODUCER_BNS (8 | 16 | 32)
 #endif
@@ -565,8 +574,9 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
   int rel = 0;                            // stage of the previous chunk (to release)
   const uint64_t desc0 = smem_desc_sw128(sbase);  // the first ring stage's X tile
   const uint32_t desc0_lo = (uint32_t)desc0, desc0_hi = (uint32_t)(desc0 >> 32);
+  constexpr bool FLOOR = FLUTE_WG_FLOOR && !PRODUCER;  // (the experiment above; BN >= 64 only)
   auto chunk = [&](int cc, uint32_t (&a)[4][4]) {
-    if constexpr (!PRODUCER) {
+    if constexpr (!PRODUCER && !FLOOR) {
       if (cc + PD < ce) {
         mbar_wait(empty0 + 8 * ld, ld_phase);  // every warp is done with this stage's last chunk
         issue(ld);
@@ -574,19 +584,19 @@ __global__ void __launch_bounds__(wgmma_threads<BN>(), wgmma_min_blocks<BN>()) l
       }
       if (++ld == STAGES) { ld = 0; ld_phase ^= 1; }
     }
-    mbar_wait(full0 + 8 * st, st_phase);  // chunk cc has landed (every thread's copies)
+    if (!FLOOR || cc - cb < PD) mbar_wait(full0 + 8 * st, st_phase);  // chunk cc has landed (every thread's copies)
     // cp.async wrote through the generic proxy; wgmma reads through the async proxy (a TMA-loaded X
     // tile was written by the async proxy already).
     if constexpr (!TMA_X) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     wgmma_decode_chunk<BITS, BN, T>(sgen + st * Smem::kStage, warp, lane, use_pair, pair_lane, tb, a, one_group);
     wgmma_chunk_mma<BN, T, Smem::kStage>(acc, a, desc0_lo, desc0_hi, st);
     wgmma_wait<1>();  // chunk cc - 1's group is done: its registers and ring stage are free
-    if (cc > cb) {
+    if (!FLOOR && cc > cb) {
       __syncwarp();
       if (lane == 0) mbar_arrive(empty0 + 8 * rel);
     }
     rel = st;
-    if (++st == STAGES) { st = 0; st_phase ^= 1; }
+    if (++st == (FLOOR ? PD : STAGES)) { st = 0; st_phase ^= 1; }
   };
   if (PRODUCER && is_producer) {
     // Fill i (counted from cb) of stage i % STAGES waits for the consumers' release of fill i - STAGES:

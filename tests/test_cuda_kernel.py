@@ -876,11 +876,12 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
              "-DFLUTE_LUT_WIDE_MT1_MIN_BLOCKS=2", "-DFLUTE_LUT_WIDE_MT2_MIN_BLOCKS=3",
              "-DFLUTE_LUT_FOLD_MIN_MT=1", "-DFLUTE_LUT_MT4_TILES=1",
              "-DFLUTE_LUT_WIDE_MAX_MT=2", "-DFLUTE_LUT_WIDE_MT1_XA_MIN_BLOCKS=3", "-DFLUTE_LUT_X_AHEAD_W23_MT=0",
-             "-DFLUTE_LUT_MT1_XA_MIN_BLOCKS=5", "-DFLUTE_LUT_W2_WIDE_QUAD_STEPS=0"]
+             "-DFLUTE_LUT_MT1_XA_MIN_BLOCKS=5", "-DFLUTE_LUT_W2_WIDE_QUAD_STEPS=0", "-DFLUTE_LUT_FLOOR=1"]
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
-    jobs["flute_wgmma.cu+no-producer"] = ("flute_wgmma.cu", ["-DFLUTE_WG_PRODUCER_BNS=0", "-DFLUTE_WG_SCALE_REUSE=0"],
+    jobs["flute_wgmma.cu+no-producer"] = ("flute_wgmma.cu",
+                                          ["-DFLUTE_WG_PRODUCER_BNS=0", "-DFLUTE_WG_SCALE_REUSE=0", "-DFLUTE_WG_FLOOR=1"],
                                           ["-gencode=arch=compute_90a,code=sm_90a"])
 
     def compile_one(item):
@@ -908,7 +909,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     assert len(sk_entries) == 12 and all(int(stores) == 0 for _, _, stores in sk_entries), sk_entries
     assert "C7512" not in log, log[-3000:]
     # the build without the producer warp (FLUTE_WG_PRODUCER_BNS=0, the A/B baseline of v15), with
-    # scale reuse off (v19's build)
+    # scale reuse off (v19's build) and the timing-only floor experiment (FLUTE_WG_FLOOR) on
     for job in ("flute_wgmma.cu+no-producer",):
         log = results[job].stderr
         assert "C7513" not in log, log[-3000:]
