@@ -1,6 +1,7 @@
 // Thin torch binding of the torch-free launch API (flute_kernel.h). All argument validation with
-// readable messages happens in flute_vllm/cuda_op.py before these are called; the checks here only
-// guard memory safety (and raise ValueError too). Launches go to the current CUDA stream: capture-safe, no allocation, no sync.
+// readable messages happens in flute_vllm/cuda_op.py before these are called; the checks here guard
+// memory safety (ValueError through FLUTE_CHECK below). Launches go to the current CUDA stream:
+// capture-safe, no allocation, no sync.
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
