@@ -60,6 +60,11 @@ __device__ __forceinline__ int thread_index_x() {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr));
+  return v;
+}
 __device__ __forceinline__ void cp_async16_s(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
 }
@@ -80,16 +85,20 @@ __device__ __forceinline__ void cp_async4_zfill_s(uint32_t dst, const void* src,
 // and acquires the other CTAs'), then a CTA barrier again. v16 and before fenced every thread
 // (__threadfence, sequentially consistent) before an atomicAdd and again after it: v17 A/B on H200,
 // 10 shapes, 0.975x the time at M = 1-16 (mma.sync kernel), 0.978x at M = 32-256 (wgmma kernel).
-__device__ __forceinline__ bool splitk_arrive_last(int* counter, int splits) {
-  __shared__ int s_last;
+// (s_last: a shared int for the answer; the two-argument form declares its own.)
+__device__ __forceinline__ bool splitk_arrive_last(int* counter, int splits, int* s_last) {
   __syncthreads();
   if (threadIdx.x == 0) {
     int old;
     asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;" : "=r"(old) : "l"(counter) : "memory");
-    s_last = old == splits - 1;
+    *s_last = old == splits - 1;
   }
   __syncthreads();
-  return s_last;
+  return *s_last;
+}
+__device__ __forceinline__ bool splitk_arrive_last(int* counter, int splits) {
+  __shared__ int s_last;
+  return splitk_arrive_last(counter, splits, &s_last);
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -312,6 +321,31 @@ __device__ __forceinline__ void decode_pair(uint32_t w, uint32_t pair_lane, uint
   }
 }
 
+// The byte-addressed pair table (FLUTE_LUT_BYTE_PAIR): the pair-table entries at a 256-byte stride
+// (64 KB), so that one PRMT forms a lookup's whole address: byte 1 = the pair index (entry * 256),
+// byte 0 = the lane's copy (4 * lane: 32 conflict-free copies in the first 128 bytes of an entry),
+// bytes 2-3 = the CTA's cluster-rank bits of the shared window; the table's offset in the window is
+// the LDS immediate. One PRMT + one LDS per A register instead of PRMT + IMAD + LDS. That needs the
+// table at a compile-time offset: it starts the kernel's shared memory, which is all dynamic
+// (kSmemUserBase: the first byte after the 1 KB the hardware reserves per CTA on sm_80+; the kernel
+// traps if its table is elsewhere). Bytes 128-255 of each entry hold the kernel's cp.async ring.
+struct BytePairTable {
+  static constexpr int kBytes = 256 * 256;
+  static constexpr uint32_t kSmemUserBase = 0x400;
+  // PRMT operand: the window's rank bits (bytes 2-3 of the table address) and the lane's copy
+  __device__ static uint32_t lane_bits(uint32_t table_addr, int lane) { return (table_addr & 0xFF000000u) | (4u * lane); }
+  // shared byte offset of ring byte o (from the table start): the upper halves of the entries in order
+  __device__ static uint32_t ring_offset(uint32_t o) { return ((o >> 7) << 8) + 128 + (o & 127); }
+};
+template <int S>
+__device__ __forceinline__ void decode_pair_b(uint32_t w, uint32_t lane_bits, uint32_t a[4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t addr = prmt(w, lane_bits, 0x7604u | (j << 4));  // (4 * lane, byte j of w, rank bits)
+    asm volatile("ld.shared.b32 %0, [%1+%2];" : "=r"(a[j]) : "r"(addr), "n"(BytePairTable::kSmemUserBase));
+  }
+}
+
 // The kernel-layout byte tables (words 0-7) in registers, for building the shared tables.
 struct TableRegs {
   uint4 lo, hi;
@@ -338,6 +372,16 @@ __device__ __forceinline__ void build_pair_table(uint32_t* s_pair, const uint32_
     const uint32_t e = j / kPieces;
     const uint32_t pair = tr.u16(e & 15) | (tr.u16(e >> 4) << 16);
     reinterpret_cast<uint4*>(s_pair)[j] = make_uint4(pair, pair, pair, pair);
+  }
+}
+
+// Builds the byte-addressed pair table (copies 0-31 of each 256-byte entry), as build_pair_table.
+__device__ __forceinline__ void build_byte_pair_table(uint32_t* s_pair, const uint32_t* tp) {
+  const TableRegs tr(tp);
+  for (int j = threadIdx.x; j < 256 * 8; j += blockDim.x) {
+    const uint32_t e = j >> 3;
+    const uint32_t pair = tr.u16(e & 15) | (tr.u16(e >> 4) << 16);
+    reinterpret_cast<uint4*>(s_pair)[e * 16 + (j & 7)] = make_uint4(pair, pair, pair, pair);
   }
 }
 

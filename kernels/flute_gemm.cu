@@ -13,7 +13,8 @@
 // Each warp computes Y^T tiles with mma.sync.m16n8k16: A = dequantized weights (16 rows x 16 k),
 // B = activations (loaded straight from global/L1 in fragment order; the kernel layout permutes K
 // inside each 64-chunk so that a lane's activation fragments are 16 contiguous bytes), C = fp32.
-// Decode: 4-bit through a shared-memory pair table (one LDS per A register, FLUTE's trick);
+// Decode: 4-bit through a shared-memory pair table (one LDS per A register, FLUTE's trick; 8-warp CTAs
+// use the byte-addressed layout, whose lookup address is one PRMT);
 // 2/3-bit (and 4-bit warps whose tile uses another shard's table) by byte-permute lookups in
 // registers. Packed weights + group scales stream through a per-warp cp.async ring. Group scales
 // are applied once per group to a per-group partial accumulator (acc += s * partial), not per
@@ -33,6 +34,10 @@
 #ifndef FLUTE_LUT_FLOOR
 #define FLUTE_LUT_FLOOR 0  // experiment, timing only (wrong results): 1 = no ring refills after the prologue,
 #endif                     // the chunk loop decodes resident slots: the loop's floor without weight traffic
+#ifndef FLUTE_LUT_BYTE_PAIR
+#define FLUTE_LUT_BYTE_PAIR 1  // 8-warp 4-bit CTAs (MT below the mixed decode) decode through the byte-addressed pair
+#endif                         // table (BytePairTable: PRMT + LDS per A register, no IMAD; v21 A/B on H200, M = 1 / 8 / 16,
+                               // 8 shapes: 0.947x the time; 0: v20's PairTable<32>)
 #ifndef FLUTE_LUT_MIXED_MIN_MT
 #define FLUTE_LUT_MIXED_MIN_MT 4  // MT >= this: 4-bit odd k-steps decode a[2], a[3] by byte permutes (v6), else all
                                   // by pair table (v9 at MT <= 2; v6-v8 used 1, mixed everywhere)
@@ -124,6 +129,17 @@ constexpr bool kSlicedK = gemm_k_slices_ok(BITS, MT, W, XA, 2) && MT * 4 <= FLUT
 // Pair-table copies: a 4-warp CTA keeps 16 (16 KB, <= 2-way bank conflicts) to keep its occupancy;
 // an 8-warp CTA shares 32 conflict-free copies (32 KB) among twice the warps.
 template <int W> using LutPairTable = PairTable<W == kWideWarpsPerCta ? 32 : 16>;
+// A static shared array of type A (TAG tells apart two of one type).
+template <typename A, int TAG> __device__ __forceinline__ A& static_smem() {
+  __shared__ __align__(16) A a;
+  return a;
+}
+// lut_gemm_kernel's per-warp cp.async ring (packed weights, group scales) and its dynamic shared memory.
+template <int BITS, int NT, int W> using LutRing = uint32_t[W][FLUTE_LUT_STAGES][NT][32 * BITS];
+template <int NT, int W, typename T> using LutRingScales = T[W][FLUTE_LUT_STAGES][NT][2][16];
+// Kernels that decode through the byte-addressed pair table instead (FLUTE_LUT_BYTE_PAIR).
+template <int BITS, int MT, int W>
+constexpr bool kBytePair = FLUTE_LUT_BYTE_PAIR && BITS == 4 && W == kWideWarpsPerCta && MT < FLUTE_LUT_MIXED_MIN_MT;
 // XA: the activation fragments of the next chunk are loaded one chunk ahead (8 registers per MT: the
 // first MMA of a chunk otherwise waits for its LDG, 22% of the stall samples at M = 1 in v12's ncu).
 template <int BITS, int MT, int NT, int W, bool XA, typename T>
@@ -176,12 +192,27 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
   float acc[NT][MT][4];
   zero_fill(acc);
 
-  // Per-warp cp.async ring: STAGES chunks of packed weights (+ their group scales) in flight.
-  __shared__ __align__(16) uint32_t s_w[W][STAGES][NT][32 * BITS];
-  __shared__ __align__(16) T s_sc[W][STAGES][NT][2][16];
+  // Per-warp cp.async ring: STAGES chunks of packed weights (+ their group scales) in flight. Static
+  // arrays, except in byte-pair kernels, whose shared memory is all dynamic: the table first (at the
+  // window offset its lookups take as an immediate) with the weight ring in its entries' upper
+  // halves (BytePairTable::ring_offset; s_w is not used there), then the scales, then a split-K flag.
+  using Ring = LutRing<BITS, NT, W>;
+  using RingScales = LutRingScales<NT, W, T>;
+  constexpr bool BYTE_PAIR = kBytePair<BITS, MT, W>;
+  extern __shared__ __align__(16) uint32_t s_pair[];  // 4-bit: Pair (LutPairTable) or BytePairTable; 2-bit: QuadTable
+  Ring& s_w = [&]() -> Ring& {
+    if constexpr (BYTE_PAIR) return *reinterpret_cast<Ring*>(s_pair);
+    else return static_smem<Ring, 0>();
+  }();
+  RingScales& s_sc = [&]() -> RingScales& {
+    if constexpr (BYTE_PAIR) return *reinterpret_cast<RingScales*>(reinterpret_cast<char*>(s_pair) + BytePairTable::kBytes);
+    else return static_smem<RingScales, 1>();
+  }();
+  if constexpr (BYTE_PAIR) {
+    if ((smem_addr(s_pair) & 0xFFFFFFu) != BytePairTable::kSmemUserBase) __trap();  // the lookups' immediate is wrong here
+  }
 
   const int cta_tile0 = min((int)blockIdx.x * tile_warps * NT, ntiles - 1);
-  extern __shared__ __align__(16) uint32_t s_pair[];  // 4-bit: Pair (LutPairTable); 2-bit: QuadTable (built below)
   const bool warp_work = warp_active && cb < ce;
   {
     ByteTable tb[NT];
@@ -189,11 +220,16 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) tb[nt] = load_byte_table(p.tables + (size_t)tile[nt] * kTableWords);
     bool use_pair[NT];
-    const uint32_t pair_lane = smem_addr(s_pair) + (BITS == 4 ? Pair::lane_offset(lane) : QuadTable::lane_offset(lane));
+    const uint32_t pair_lane = BYTE_PAIR ? hold_in_reg(BytePairTable::lane_bits(smem_addr(s_pair), lane))
+                                         : smem_addr(s_pair) + (BITS == 4 ? Pair::lane_offset(lane) : QuadTable::lane_offset(lane));
+    if constexpr (SMEM_TABLE) {
+      // the table the CTA's shared table was built from (its first tile's)
+      const ByteTable cta_tb = load_byte_table(p.tables + (size_t)cta_tile0 * kTableWords);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      use_pair[nt] = false;
-      if constexpr (SMEM_TABLE) use_pair[nt] = same_byte_table(tb[nt], load_byte_table(p.tables + (size_t)cta_tile0 * kTableWords));
+      for (int nt = 0; nt < NT; ++nt) use_pair[nt] = same_byte_table(tb[nt], cta_tb);
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) use_pair[nt] = false;
     }
     const T* x = reinterpret_cast<const T*>(p.x);
     const T* xrow[MT];
@@ -218,12 +254,15 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
     constexpr int CW = 32 * BITS;                                   // words per chunk per tile
     constexpr int PIECE = BITS == 4 ? 4 : 2;                        // words per lane per chunk (low planes)
     constexpr uint32_t SLOT_W = NT * CW * 4;                        // bytes per ring slot (weights)
+    constexpr uint32_t RS = BYTE_PAIR ? 2 : 1;                      // shared bytes per ring byte (byte pair: half entries)
     constexpr uint32_t SLOT_S = NT * 2 * 16 * sizeof(T);            // bytes per ring slot (scales)
     // hold_in_reg(): computed once and kept in a register; ptxas otherwise re-derives these shared
     // addresses (S2R/S2UR/LEA) inside the loop to save registers under the 64-register cap.
     // (MT <= 2 only: the larger tiles are register-bound and would spill instead.)
     constexpr bool PIN = FLUTE_LUT_HOLD_ADDR && MT <= 2;
-    const uint32_t sw_lane = hold_in_reg<PIN>(smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
+    const uint32_t sw_lane = hold_in_reg<PIN>(
+        BYTE_PAIR ? smem_addr(s_pair) + BytePairTable::ring_offset(warp * STAGES * SLOT_W + 4 * PIECE * lane)
+                  : smem_addr(&s_w[warp][0][0][0]) + 4 * PIECE * lane);
     const bool sc_lane = lane < (g32 ? 16 : 8);
     const int sc_h = lane >> 3;
     const uint32_t ss_lane = hold_in_reg<PIN>(smem_addr(&s_sc[warp][0][0][0][0]) + (uint32_t)(sc_h * 16 * sizeof(T) + 4 * (lane & 7)));
@@ -238,13 +277,13 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
     const int last_half = half_last ? nch - 1 : 0x7fffffff;
 
     auto issue = [&](uint32_t slot) {
-      const uint32_t wdst = sw_lane + slot * SLOT_W;
+      const uint32_t wdst = sw_lane + slot * SLOT_W * RS;
       const uint32_t sdst = ss_lane + slot * SLOT_S;
       const int grp = min(knext >> gshift, ngroups - 1);
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         if constexpr (BITS == 4) {
-          cp_async16_s(wdst + nt * CW * 4, wnext[nt]);
+          cp_async16_s(wdst + nt * CW * 4 * RS, wnext[nt]);
         } else {
           cp_async8_s(wdst + nt * CW * 4, wnext[nt]);
           if constexpr (BITS == 3) cp_async4_s(wdst + nt * CW * 4 + 256 - 4 * lane, wnext[nt] + 64 - lane);
@@ -283,7 +322,8 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
     // table of the CTA's first tile; warps whose tile uses another table (a shard boundary inside
     // the CTA) decode with byte permutes instead. (2-bit with quad steps: the quad table, likewise.)
     if constexpr (BITS == 4) {
-      build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
+      if constexpr (BYTE_PAIR) build_byte_pair_table(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
+      else build_pair_table<Pair::kCopies>(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
       __syncthreads();
     } else if constexpr (SMEM_TABLE) {
       build_quad_table(s_pair, p.tables + (size_t)cta_tile0 * kTableWords);
@@ -318,7 +358,10 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
         Frag<BITS> f[NT];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-          if constexpr (BITS == 4) {
+          if constexpr (BYTE_PAIR) {
+            const uint4 v = lds128(sw_lane + (slot * SLOT_W + nt * CW * 4) * RS);
+            f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
+          } else if constexpr (BITS == 4) {
             const uint4 v = reinterpret_cast<const uint4*>(&s_w[warp][0][0][0])[slot * (SLOT_W / 16) + nt * (CW / 4) + lane];
             f[nt].w[0] = v.x; f[nt].w[1] = v.y; f[nt].w[2] = v.z; f[nt].w[3] = v.w;
           } else {
@@ -357,6 +400,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
       uint32_t a[4];                                                                            \
       if constexpr (PAIR && BITS == 4) {                                                        \
         if ((S & 1) && MT >= FLUTE_LUT_MIXED_MIN_MT) decode_mixed<Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, tb[nt], a); \
+        else if constexpr (BYTE_PAIR) decode_pair_b<S>(f[nt].w[S & (BITS - 1)], pair_lane, a); \
         else decode_pair<S, Pair::kCopies>(f[nt].w[S & (BITS - 1)], pair_lane, a);              \
       } else if constexpr (PAIR && BITS == 2 && ((QUAD_STEPS >> S) & 1)) {                      \
         decode_quad<S>(f[nt].w[S >> 1], pair_lane, a);                                          \
@@ -414,24 +458,28 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
     if (ks_n > 1) {
       // Sum the group's K slices: each warp parks its partial tile in its own drained ring, the
       // group's first warp adds the others' in slice order (deterministic) and alone goes on.
-      float* buf = reinterpret_cast<float*>(&s_w[warp][0][0][0]);
+      // (float i of warp w's ring; byte pair: through the ring's place in the table's entries)
+      auto ring_float = [&](int w, int i) -> float* {
+        if constexpr (BYTE_PAIR)
+          return reinterpret_cast<float*>(reinterpret_cast<char*>(s_pair) + BytePairTable::ring_offset(w * (int)(sizeof(Ring) / W) + 4 * i));
+        else return reinterpret_cast<float*>(&s_w[w][0][0][0]) + i;
+      };
       __syncwarp();  // every lane of this warp is done reading its ring
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-          for (int j = 0; j < 4; ++j) buf[((nt * MT + mt) * 4 + j) * 32 + lane] = acc[nt][mt][j];
+          for (int j = 0; j < 4; ++j) *ring_float(warp, ((nt * MT + mt) * 4 + j) * 32 + lane) = acc[nt][mt][j];
       __syncthreads();
       if (kslice == 0) {
         for (int sl = 1; sl < ks_n; ++sl) {
-          const float* other = reinterpret_cast<const float*>(&s_w[warp + sl][0][0][0]);
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-              for (int j = 0; j < 4; ++j) acc[nt][mt][j] += other[((nt * MT + mt) * 4 + j) * 32 + lane];
+              for (int j = 0; j < 4; ++j) acc[nt][mt][j] += *ring_float(warp + sl, ((nt * MT + mt) * 4 + j) * 32 + lane);
         }
       } else {
 #pragma unroll
@@ -476,7 +524,14 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
       }
   }
   int* counter = p.counters + blockIdx.z * gridDim.x + blockIdx.x;
-  if (!splitk_arrive_last(counter, p.splits)) return;
+  bool last;
+  if constexpr (BYTE_PAIR) {
+    last = splitk_arrive_last(counter, p.splits,
+                              reinterpret_cast<int*>(reinterpret_cast<char*>(s_pair) + BytePairTable::kBytes + sizeof(RingScales)));
+  } else {
+    last = splitk_arrive_last(counter, p.splits);
+  }
+  if (!last) return;
   {
     // Sum the partials of this CTA's rows [n0, n0 + rows) x act rows [m0, m0 + 8*MT) in split order.
     const int rows = 16 * NT * tile_warps;
@@ -539,7 +594,8 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
   }
 }
 
-template <int BITS, int NT, int W> constexpr int pair_smem_bytes() {
+template <int BITS, int MT, int NT, int W, typename T> constexpr int pair_smem_bytes() {
+  if constexpr (kBytePair<BITS, MT, W>) return BytePairTable::kBytes + sizeof(LutRingScales<NT, W, T>) + 16;  // + split-K flag
   return BITS == 4 ? LutPairTable<W>::kBytes : kSmemTable<BITS, W> ? QuadTable::kBytes : 0;
 }
 
@@ -547,7 +603,7 @@ template <int BITS, int NT, int W> constexpr int pair_smem_bytes() {
 template <int BITS, int MT, int NT, int W, bool XA, typename T>
 cudaError_t set_smem_attr() {
   static const cudaError_t err = cudaFuncSetAttribute(lut_gemm_kernel<BITS, MT, NT, W, XA, T>,
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, pair_smem_bytes<BITS, NT, W>());
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, pair_smem_bytes<BITS, MT, NT, W, T>());
   return err;
 }
 
@@ -557,7 +613,7 @@ int occupancy_w() {
   int n = 0;
   if (set_smem_attr<BITS, MT, NT, W, XA, T>() != cudaSuccess) return 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, W, XA, T>, 32 * W,
-                                                    pair_smem_bytes<BITS, NT, W>()) != cudaSuccess)
+                                                    pair_smem_bytes<BITS, MT, NT, W, T>()) != cudaSuccess)
     return 0;
   return n;
 }
@@ -570,7 +626,7 @@ cudaError_t launch_gemm_w(const GemmParams& p, cudaStream_t stream) {
   dim3 grid(gemm_grid_x(p.N, MT, W, p.k_slices), p.splits, gemm_m_chunks(p.M, MT));
   const cudaError_t err = set_smem_attr<BITS, MT, NT, W, XA, T>();
   if (err != cudaSuccess) return err;
-  lut_gemm_kernel<BITS, MT, NT, W, XA, T><<<grid, 32 * W, pair_smem_bytes<BITS, NT, W>(), stream>>>(p);
+  lut_gemm_kernel<BITS, MT, NT, W, XA, T><<<grid, 32 * W, pair_smem_bytes<BITS, MT, NT, W, T>(), stream>>>(p);
   return cudaGetLastError();
 }
 

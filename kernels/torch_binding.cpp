@@ -122,6 +122,26 @@ void gemm(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Ten
   FLUTE_CHECK_CUDA(err, "gemm launch failed: ", cudaGetErrorString(err));
 }
 
+// The tensor-core entry points' shared checks and launch. x is [M, K] when the kernel gathers the
+// K order itself (gathers), else permuted to the kernel layout, [M, K rounded up to 64].
+void check_wgmma_x(const torch::Tensor& x, int64_t K, bool gathers) {
+  FLUTE_CHECK(K % 32 == 0, "K must be a multiple of 32");
+  if (gathers) {
+    FLUTE_CHECK(x.size(1) == K, "at block_m <= ", flute::kWgmmaGatherMaxRows, " x must be [M, K], not permuted");
+  } else {
+    FLUTE_CHECK(x.size(1) == (K + 63) / 64 * 64, "x_perm must be [M, K rounded up to 64]");
+  }
+}
+void check_wgmma_supported() {
+  FLUTE_CHECK(flute::wgmma_supported(),
+              "the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
+}
+void launch_wgmma_or_raise(const flute::GemmParams& p) {
+  const char* step = "";
+  const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream(), &step);
+  FLUTE_CHECK_CUDA(err, "wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
+}
+
 // Tensor-core path (sm_90a): out[M, N] = x @ W^T with x_perm the activations permuted to the kernel
 // layout's K order, [M, Kp] (Kp = K rounded up to 64, zero pad), or at block_m <= kWgmmaGatherMaxRows
 // x itself, [M, K]; block_m = activation rows per CTA (8-256); workspace fp32 >= splits * M * N when
@@ -131,23 +151,14 @@ void gemm_wgmma(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& qwe
                 int64_t bits, int64_t group_size, int64_t splits, int64_t chunks_per_split, int64_t block_m) {
   const at::cuda::CUDAGuard guard(x_perm.device());  // wgmma_supported() asks the current device
   const int64_t M = x_perm.size(0), N = out.size(1);
-  FLUTE_CHECK(K % 32 == 0, "K must be a multiple of 32");
-  if (block_m <= flute::kWgmmaGatherMaxRows) {
-    FLUTE_CHECK(x_perm.size(1) == K, "at block_m <= ", flute::kWgmmaGatherMaxRows,
-                " x must be [M, K], not permuted");
-  } else {
-    FLUTE_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "x_perm must be [M, K rounded up to 64]");
-  }
+  check_wgmma_x(x_perm, K, block_m <= flute::kWgmmaGatherMaxRows);
   FLUTE_CHECK(block_m == 8 || block_m == 16 || block_m == 32 || block_m == 64 || block_m == 128 || block_m == 256,
               "block_m must be 8, 16, 32, 64, 128 or 256");
-  FLUTE_CHECK(flute::wgmma_supported(),
-              "the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
+  check_wgmma_supported();
   const flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits,
                                           group_size, splits, chunks_per_split, block_m / 8, splits > 1 ? splits * M * N : 0,
                                           flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m));
-  const char* step = "";
-  const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream(), &step);
-  FLUTE_CHECK_CUDA(err, "wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
+  launch_wgmma_or_raise(p);
 }
 
 // The same GEMM with the stream-K schedule (block_m 64 or 256; cuda_op.plan_stream_k): sk_ctas
@@ -159,17 +170,15 @@ void gemm_wgmma_sk(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& 
                    int64_t sk_units) {
   const at::cuda::CUDAGuard guard(x_perm.device());
   const int64_t M = x_perm.size(0), N = out.size(1);
-  FLUTE_CHECK(K % 32 == 0, "K must be a multiple of 32");
   FLUTE_CHECK(block_m == 64 || block_m == 256, "stream-K is built for block_m 64 and 256, not ", block_m);
-  FLUTE_CHECK(x_perm.size(1) == (K + 63) / 64 * 64, "x_perm must be [M, K rounded up to 64]");
+  check_wgmma_x(x_perm, K, /*gathers=*/false);
   const int64_t nch = (K + 63) / 64, tiles = flute::wgmma_grid_x((int)N) * ((M + block_m - 1) / block_m);
   FLUTE_CHECK(sk_ctas > 0 && sk_units > 0 && sk_dp_tiles >= 0 && sk_dp_tiles <= tiles &&
                   sk_ctas * sk_units >= (tiles - sk_dp_tiles) * nch,
               "stream-K schedule (sk_ctas, sk_dp_tiles, sk_units) does not cover the GEMM");
   FLUTE_CHECK(flute::sk_max_items((int)sk_ctas, (int)sk_dp_tiles, (int)sk_units, (int)nch) <= flute::kSkMaxItems,
               "stream-K schedule gives a CTA more than ", flute::kSkMaxItems, " items");
-  FLUTE_CHECK(flute::wgmma_supported(),
-              "the tensor-core path needs an sm_90 GPU, an sm_90a build and a driver with cuTensorMapEncodeTiled");
+  check_wgmma_supported();
   // (splits: unused by the stream-K kernel)
   flute::GemmParams p = gemm_params(x_perm, K, qweight, scales, tables, out, workspace, counters, bits, group_size,
                                     1, nch, block_m / 8, 2 * sk_ctas * block_m * flute::kWgmmaRowsPerCta,
@@ -178,9 +187,7 @@ void gemm_wgmma_sk(const torch::Tensor& x_perm, int64_t K, const torch::Tensor& 
   p.sk_ctas = (int)sk_ctas;
   p.sk_dp_tiles = (int)sk_dp_tiles;
   p.sk_units = (int)sk_units;
-  const char* step = "";
-  const cudaError_t err = flute::launch_gemm_wgmma(p, at::cuda::getCurrentCUDAStream(), &step);
-  FLUTE_CHECK_CUDA(err, "wgmma gemm failed at ", step, ": ", cudaGetErrorString(err));
+  launch_wgmma_or_raise(p);
 }
 
 bool wgmma_supported(int64_t device_index) {

@@ -894,6 +894,7 @@ def test_kernels_compile_with_nvcc_cpu(tmp_path):
     jobs = {src: (src, [], ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"])
             for src in _build.SOURCES if src.endswith(".cu")}
     jobs["flute_gemm.cu+knobs"] = ("flute_gemm.cu", knobs, ["-gencode=arch=compute_90a,code=sm_90a"])
+    jobs["flute_gemm.cu+no-byte-pair"] = ("flute_gemm.cu", ["-DFLUTE_LUT_BYTE_PAIR=0"], ["-gencode=arch=compute_90a,code=sm_90a"])
     jobs["flute_wgmma.cu+no-producer"] = ("flute_wgmma.cu",
                                           ["-DFLUTE_WG_PRODUCER_BNS=0", "-DFLUTE_WG_SCALE_REUSE=0", "-DFLUTE_WG_FLOOR=1"],
                                           ["-gencode=arch=compute_90a,code=sm_90a"])
