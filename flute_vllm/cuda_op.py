@@ -392,9 +392,9 @@ def warps_for(bits: int, m_tiles: int, n: int, k: int, cfg: dict) -> int:
     """Warps per CTA of the mma.sync kernel, per layer from the config: 8 (kernels/flute_kernel.h
     gemm_wide_ok; the 8 warps share one conflict-free table in shared memory) or 4.
 
-    - 4-bit, m_tiles <= 2: 8 for N*K >= ``lut_wide_cta_min_nk`` (null: never), where the pair-table
-      lookups on the L1/shared pipe bound the kernel (large layers; small ones lose: fewer, longer
-      CTAs); at m_tiles = 1 also for layers in the x-ahead range (:func:`x_ahead_for`), whose
+    - 4-bit, m_tiles <= 2: 8 for N*K >= ``lut_wide_cta_min_nk`` (null: never): 8-warp CTAs share one
+      conflict-free, byte-addressed pair table (kernel v21; v10-v20 lost on small layers: fewer,
+      longer CTAs, hence H200's 32 Mi until v21's 8 Mi); at m_tiles = 1 also for layers in the x-ahead range (:func:`x_ahead_for`), whose
       variant exists for 8-warp CTAs only and wins on small layers too (H200 v13: 8B qkv M=1
       11.6 -> 9.9 us, 8B o 8.9 -> 7.9).
     - 4-bit, m_tiles = 4 (M = 17-32), the other way round: 8 (one folded tile per warp) for N*K <=
