@@ -337,13 +337,17 @@ struct BytePairTable {
   // shared byte offset of ring byte o (from the table start): the upper halves of the entries in order
   __device__ static uint32_t ring_offset(uint32_t o) { return ((o >> 7) << 8) + 128 + (o & 127); }
 };
+// The pair of byte j of w (one A register) from the byte-addressed table.
+__device__ __forceinline__ uint32_t lookup_pair_b(uint32_t w, uint32_t lane_bits, int j) {
+  const uint32_t addr = prmt(w, lane_bits, 0x7604u | (j << 4));  // (4 * lane, byte j of w, rank bits)
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1+%2];" : "=r"(v) : "r"(addr), "n"(BytePairTable::kSmemUserBase));
+  return v;
+}
 template <int S>
 __device__ __forceinline__ void decode_pair_b(uint32_t w, uint32_t lane_bits, uint32_t a[4]) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t addr = prmt(w, lane_bits, 0x7604u | (j << 4));  // (4 * lane, byte j of w, rank bits)
-    asm volatile("ld.shared.b32 %0, [%1+%2];" : "=r"(a[j]) : "r"(addr), "n"(BytePairTable::kSmemUserBase));
-  }
+  for (int j = 0; j < 4; ++j) a[j] = lookup_pair_b(w, lane_bits, j);
 }
 
 // The kernel-layout byte tables (words 0-7) in registers, for building the shared tables.

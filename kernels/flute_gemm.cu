@@ -137,9 +137,11 @@ template <typename A, int TAG> __device__ __forceinline__ A& static_smem() {
 // lut_gemm_kernel's per-warp cp.async ring (packed weights, group scales) and its dynamic shared memory.
 template <int BITS, int NT, int W> using LutRing = uint32_t[W][FLUTE_LUT_STAGES][NT][32 * BITS];
 template <int NT, int W, typename T> using LutRingScales = T[W][FLUTE_LUT_STAGES][NT][2][16];
-// Kernels that decode through the byte-addressed pair table instead (FLUTE_LUT_BYTE_PAIR).
+// Kernels that decode through the byte-addressed pair table instead (FLUTE_LUT_BYTE_PAIR): their
+// weight ring must fit the table's unused upper halves (256 x 128 bytes; 32 KB at the default 4 stages).
 template <int BITS, int MT, int W>
-constexpr bool kBytePair = FLUTE_LUT_BYTE_PAIR && BITS == 4 && W == kWideWarpsPerCta && MT < FLUTE_LUT_MIXED_MIN_MT;
+constexpr bool kBytePair = FLUTE_LUT_BYTE_PAIR && BITS == 4 && W == kWideWarpsPerCta && MT < FLUTE_LUT_MIXED_MIN_MT &&
+                           sizeof(LutRing<BITS, gemm_n_tiles_per_warp(MT, W), W>) <= 256 * 128;
 // XA: the activation fragments of the next chunk are loaded one chunk ahead (8 registers per MT: the
 // first MMA of a chunk otherwise waits for its LDG, 22% of the stall samples at M = 1 in v12's ncu).
 template <int BITS, int MT, int NT, int W, bool XA, typename T>
@@ -199,6 +201,7 @@ __global__ void __launch_bounds__(32 * W, (MinBlocks<MT, W, XA>::value)) lut_gem
   using Ring = LutRing<BITS, NT, W>;
   using RingScales = LutRingScales<NT, W, T>;
   constexpr bool BYTE_PAIR = kBytePair<BITS, MT, W>;
+  static_assert(!BYTE_PAIR || sizeof(Ring) <= 256 * 128, "the byte-pair ring must fit the table's upper halves");
   extern __shared__ __align__(16) uint32_t s_pair[];  // 4-bit: Pair (LutPairTable) or BytePairTable; 2-bit: QuadTable
   Ring& s_w = [&]() -> Ring& {
     if constexpr (BYTE_PAIR) return *reinterpret_cast<Ring*>(s_pair);
@@ -594,7 +597,8 @@ __global__ void __launch_bounds__(128) dequant_kernel(const DequantParams p) {
   }
 }
 
-template <int BITS, int MT, int NT, int W, typename T> constexpr int pair_smem_bytes() {
+// Dynamic shared memory of lut_gemm_kernel: its shared table (byte pair: with the ring, scales and flag).
+template <int BITS, int MT, int NT, int W, typename T> constexpr int dyn_smem_bytes() {
   if constexpr (kBytePair<BITS, MT, W>) return BytePairTable::kBytes + sizeof(LutRingScales<NT, W, T>) + 16;  // + split-K flag
   return BITS == 4 ? LutPairTable<W>::kBytes : kSmemTable<BITS, W> ? QuadTable::kBytes : 0;
 }
@@ -603,7 +607,7 @@ template <int BITS, int MT, int NT, int W, typename T> constexpr int pair_smem_b
 template <int BITS, int MT, int NT, int W, bool XA, typename T>
 cudaError_t set_smem_attr() {
   static const cudaError_t err = cudaFuncSetAttribute(lut_gemm_kernel<BITS, MT, NT, W, XA, T>,
-                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, pair_smem_bytes<BITS, MT, NT, W, T>());
+                                                      cudaFuncAttributeMaxDynamicSharedMemorySize, dyn_smem_bytes<BITS, MT, NT, W, T>());
   return err;
 }
 
@@ -613,7 +617,7 @@ int occupancy_w() {
   int n = 0;
   if (set_smem_attr<BITS, MT, NT, W, XA, T>() != cudaSuccess) return 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, lut_gemm_kernel<BITS, MT, NT, W, XA, T>, 32 * W,
-                                                    pair_smem_bytes<BITS, MT, NT, W, T>()) != cudaSuccess)
+                                                    dyn_smem_bytes<BITS, MT, NT, W, T>()) != cudaSuccess)
     return 0;
   return n;
 }
@@ -626,7 +630,7 @@ cudaError_t launch_gemm_w(const GemmParams& p, cudaStream_t stream) {
   dim3 grid(gemm_grid_x(p.N, MT, W, p.k_slices), p.splits, gemm_m_chunks(p.M, MT));
   const cudaError_t err = set_smem_attr<BITS, MT, NT, W, XA, T>();
   if (err != cudaSuccess) return err;
-  lut_gemm_kernel<BITS, MT, NT, W, XA, T><<<grid, 32 * W, pair_smem_bytes<BITS, MT, NT, W, T>(), stream>>>(p);
+  lut_gemm_kernel<BITS, MT, NT, W, XA, T><<<grid, 32 * W, dyn_smem_bytes<BITS, MT, NT, W, T>(), stream>>>(p);
   return cudaGetLastError();
 }
 
